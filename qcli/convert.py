@@ -1,0 +1,358 @@
+"""Execute a Plan into OUT: stream, quantize, write, then rename into place.
+
+Per-channel scales depend on one output row alone, so a weight is processed in blocks of
+rows: read a block, quantize it, write it at its final offset. Every block is an independent
+task, which lets a small thread pool overlap reading, math (torch releases the GIL) and
+writing on every core, while memory stays at a few blocks whatever the model's size. Dense
+tensors are copied file-to-file by the kernel and never enter this process's memory.
+
+Nothing appears at OUT until everything is written and flushed: the work happens in a hidden
+sibling folder that is renamed into place at the end, and removed on any failure or signal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qcli import __version__
+from qcli.errors import InputError, OutputError
+from qcli.plan import COPY, Plan, TensorPlan, shard_layout
+from qcli.tensors import (
+    DTYPES,
+    INDEX_NAME,
+    ShardWriter,
+    Slot,
+    TensorInfo,
+    index_json,
+)
+
+PROVENANCE_NAME = "qcli_provenance.json"
+# Source files that are weights (re-written, never copied) or qcli's own artifacts.
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME}
+BLOCK_BYTES = 16 << 20  # source bytes per task: big enough to amortize, small enough for cache
+COPY_BYTES = 64 << 20
+
+
+@dataclass
+class Result:
+    out: Path
+    files: list[str]
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[int, str], None]  # (source bytes just finished, tensor name)
+
+
+def default_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def check_output_path(plan: Plan, out: Path, overwrite: bool) -> None:
+    src = plan.checkpoint.folder.resolve()
+    dst = out.resolve()
+    if dst == src or src in dst.parents:
+        raise InputError(f"output {out} is inside the source checkpoint {src}")
+    if dst in src.parents:
+        raise InputError(f"output {out} contains the source checkpoint {src}")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One writer per OUT: a second run gets a clear error instead of a mixed folder."""
+    lock_path = out.parent / f".{out.name}.qcli.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OutputError(f"cannot write in {out.parent}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"another qcli run is writing {out}") from None
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def convert(
+    plan: Plan,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int = 5 * 10**9,
+    provenance: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    workers: int | None = None,
+    sync: bool = True,
+) -> Result:
+    """Write `plan` to `out` atomically; returns what was written."""
+    out = Path(out)
+    check_output_path(plan, out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out.parent}: {e.strerror}") from None
+    t0 = time.perf_counter()
+    with _locked(out):
+        check_output_path(plan, out, overwrite)  # again, now that no one else writes OUT
+        tmp = out.parent / f".{out.name}.qcli-tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            files = _write_all(
+                plan, tmp, max_shard_size, progress, workers or default_workers(), sync
+            )
+            _write_metadata(plan, tmp, provenance or {}, files, sync)
+            _replace(tmp, out, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return Result(
+        out, files, plan.bytes_in, plan.bytes_out, time.perf_counter() - t0, plan.counts()
+    )
+
+
+def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
+    try:
+        if out.exists() and overwrite:
+            old = out.parent / f".{out.name}.qcli-old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        raise OutputError(f"cannot move the result into {out}: {e.strerror}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(
+    plan: Plan,
+    tmp: Path,
+    max_shard_size: int,
+    progress: ProgressFn | None,
+    workers: int,
+    sync: bool,
+) -> list[str]:
+    shards = shard_layout(plan, max_shard_size)
+    files: list[str] = []
+    src_fds: dict[Path, int] = {}
+    meta = {"format": "pt"}
+    try:
+        for f in plan.checkpoint.files:
+            src_fds[f] = os.open(f, os.O_RDONLY)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcli") as pool:
+            for fname, tplans in shards:
+                slots = [s for tp in tplans for s in tp.outputs]
+                writer = ShardWriter(tmp / fname, slots, meta)
+                try:
+                    _run_shard(plan, writer, tplans, src_fds, pool, workers, progress)
+                finally:
+                    writer.close(sync=sync)
+                files.append(fname)
+    except OSError as e:
+        raise OutputError(f"cannot read or write: {e}") from None
+    finally:
+        for fd in src_fds.values():
+            os.close(fd)
+    if len(shards) > 1:
+        wmap = {s.name: fname for fname, tps in shards for tp in tps for s in tp.outputs}
+        total = sum(tp.bytes_out for _, tps in shards for tp in tps)
+        (tmp / INDEX_NAME).write_text(index_json(wmap, total), encoding="utf-8")
+        files.append(INDEX_NAME)
+    return files
+
+
+def _run_shard(
+    plan: Plan,
+    writer: ShardWriter,
+    tplans: list[TensorPlan],
+    src_fds: dict[Path, int],
+    pool: ThreadPoolExecutor,
+    workers: int,
+    progress: ProgressFn | None,
+) -> None:
+    """Run every block task of one shard, at most `2 * workers` in flight (bounded memory)."""
+    limit = 2 * workers
+    inflight: dict[Future, tuple[TensorPlan, int]] = {}
+    left: dict[str, int] = {}
+    scales: dict[str, list] = {}
+    lock = threading.Lock()
+
+    def finish(fut: Future) -> None:
+        tp, nbytes = inflight.pop(fut)
+        part = fut.result()  # re-raises a task's error here, in the main thread
+        key = tp.outputs[0].name  # not tp.source: an untied lm_head shares its source
+        if part is not None:
+            scales[key].append(part)
+        left[key] -= 1
+        if left[key] == 0:
+            _finish_tensor(plan, writer, tp, scales.pop(key))
+        if progress:
+            with lock:
+                progress(nbytes, tp.source)
+
+    try:
+        for tp in tplans:
+            info = plan.checkpoint.tensors[tp.source]
+            tasks = list(_tasks(plan, writer, tp, info, src_fds[info.file]))
+            left[tp.outputs[0].name] = len(tasks)
+            scales[tp.outputs[0].name] = []
+            for fn, nbytes in tasks:
+                while len(inflight) >= limit:
+                    done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        finish(fut)
+                inflight[pool.submit(fn)] = (tp, nbytes)
+        while inflight:
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            for fut in done:
+                finish(fut)
+    except BaseException:
+        for fut in inflight:
+            fut.cancel()
+        wait(inflight)
+        raise
+
+
+def _tasks(
+    plan: Plan, writer: ShardWriter, tp: TensorPlan, info: TensorInfo, fd: int
+) -> Iterator[tuple[Callable[[], Any], int]]:
+    """The independent block tasks for one tensor, each with the source bytes it covers."""
+    if tp.action == COPY:
+        name = tp.outputs[0].name
+        if info.nbytes == 0:
+            yield (lambda: None), 0
+            return
+        for pos in range(0, info.nbytes, COPY_BYTES):
+            n = min(COPY_BYTES, info.nbytes - pos)
+            yield (lambda pos=pos, n=n: writer.copy_from(name, fd, info.start + pos, pos, n)), n
+        return
+    rows, cols = info.shape
+    row_bytes = cols * DTYPES[info.dtype][0]
+    step = max(1, BLOCK_BYTES // row_bytes)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        yield (
+            (lambda r0=r0, r1=r1: _quantize_block(plan, writer, tp, info, fd, r0, r1)),
+            (r1 - r0) * row_bytes,
+        )
+
+
+def _quantize_block(
+    plan: Plan, writer: ShardWriter, tp: TensorPlan, info: TensorInfo, fd: int, r0: int, r1: int
+) -> Any:
+    """Read rows [r0, r1) of a weight, quantize them, write them; returns their scales."""
+    from qcli import quant
+    from qcli.tensors import read_rows
+
+    scheme = plan.scheme
+    w = read_rows(info, fd, r0, r1)
+    scale_dtype = _torch_dtype(tp.outputs[1].dtype)
+    try:
+        q, scale = quant.quantize_weight(w, scheme.kind, scale_dtype)
+    except quant.NonFiniteWeightError as e:
+        raise InputError(f"tensor {tp.source!r}: {e} (row offset {r0})") from None
+    cols = info.shape[1]
+    if scheme.packed:
+        packed = quant.pack_int8(q)
+        writer.write_at(tp.outputs[0].name, r0 * (cols // 4) * 4, packed)
+    else:
+        writer.write_at(tp.outputs[0].name, r0 * cols * q.element_size(), q)
+    return (r0, scale)
+
+
+def _finish_tensor(plan: Plan, writer: ShardWriter, tp: TensorPlan, parts: list | None) -> None:
+    """All blocks of a tensor are in: write its scales (and shape), mark it complete."""
+    if tp.action == COPY:
+        writer.done(tp.outputs[0].name)
+        return
+    import torch
+
+    scale = torch.cat([s for _, s in sorted(parts, key=lambda p: p[0])])
+    weight_slot, scale_slot = tp.outputs[0], tp.outputs[1]
+    writer.write(scale_slot.name, scale)
+    if plan.scheme.packed:
+        shape_slot = tp.outputs[2]
+        out_f, in_f = plan.checkpoint.tensors[tp.source].shape
+        writer.write(shape_slot.name, torch.tensor([out_f, in_f], dtype=torch.int64))
+    writer.done(weight_slot.name)
+
+
+def _torch_dtype(st_dtype: str):
+    import torch
+
+    return getattr(torch, DTYPES[st_dtype][1])
+
+
+def _write_metadata(
+    plan: Plan, tmp: Path, provenance: dict[str, Any], files: list[str], sync: bool
+) -> None:
+    (tmp / "config.json").write_text(
+        json.dumps(plan.config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    src = plan.checkpoint.folder
+    for p in sorted(src.iterdir()):
+        if (
+            p.name.startswith(".")
+            or p.name in _NOT_COPIED
+            or p.name.endswith(_NOT_COPIED_SUFFIXES)
+            or not p.is_file()
+        ):
+            continue
+        shutil.copyfile(p, tmp / p.name)
+        files.append(p.name)
+    record = {
+        "tool": "qcli",
+        "version": __version__,
+        "source": provenance.get("source"),
+        "options": provenance.get("options"),
+        "scheme": plan.scheme.name,
+        "lm_head": plan.lm_head,
+        "untied_lm_head": plan.untie,
+        "quantized_modules": len(plan.quantized),
+    }
+    (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    files[:0] = ["config.json"]
+    files.append(PROVENANCE_NAME)
+    if sync:
+        for name in ("config.json", PROVENANCE_NAME):
+            fd = os.open(tmp / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+__all__ = ["Result", "convert", "check_output_path", "Slot"]

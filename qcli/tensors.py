@@ -1,0 +1,450 @@
+"""safetensors on disk: validated headers, lazy tensor reads, a positional shard writer, index.
+
+Headers are parsed here rather than through the ``safetensors`` library so that `inspect` never
+imports torch, and so every malformed file gets a one-line error naming the file and tensor
+instead of a Rust panic. The writer places every tensor at an offset fixed by its header, which
+is written first: tensors can then be produced in any order, one at a time, and the file is
+byte-identical whatever that order was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qcli.errors import CheckpointError, OutputError
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype name -> (bytes per element, torch dtype attribute)
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U64": (8, "uint64"),
+    "U32": (4, "uint32"),
+    "U16": (2, "uint16"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+TORCH_TO_ST = {torch_name: st for st, (_, torch_name) in DTYPES.items()}
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# A real header is a few MB at most (a 1000-layer MoE is ~20 MB); anything larger is corrupt.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Linux writes at most this many bytes per write(2) call.
+_MAX_IO = 0x7FFFF000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, absolute byte range, dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute offset of the first data byte in `file`
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Checkpoint:
+    """A local safetensors checkpoint folder, known from its headers alone."""
+
+    folder: Path
+    tensors: dict[str, TensorInfo]
+    config: dict[str, Any] | None
+    files: list[Path]
+    sharded: bool
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # file name -> __metadata__
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def dtype_size(dtype: str) -> int:
+    return DTYPES[dtype][0]
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``layers.10`` after ``layers.9``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    """Parse and validate one safetensors file's header; returns (__metadata__, tensors)."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{name}: truncated file ({size} bytes, no header)")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER_BYTES or hlen > size - 8:
+                raise CheckpointError(
+                    f"{name}: header length field says {hlen} bytes but the file has {size}"
+                    " (corrupt or truncated)"
+                )
+            raw = f.read(hlen)
+    except OSError as e:
+        raise CheckpointError(f"{name}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{name}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{name}: __metadata__ is not an object")
+    base = 8 + hlen
+    data_size = size - base
+    tensors: dict[str, TensorInfo] = {}
+    for tname, entry in header.items():
+        tensors[tname] = _tensor_entry(name, tname, entry, path, base, data_size)
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.nbytes)
+    for (_, prev_end, prev), (start, _, cur) in zip(spans, spans[1:], strict=False):
+        if start < prev_end:
+            raise CheckpointError(f"{name}: tensors {prev!r} and {cur!r} overlap")
+    return {str(k): str(v) for k, v in meta.items()}, tensors
+
+
+def _tensor_entry(
+    fname: str, tname: str, entry: Any, path: Path, base: int, data_size: int
+) -> TensorInfo:
+    where = f"{fname}: tensor {tname!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CheckpointError(f"{where}: bad shape {shape!r}")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        or not 0 <= offs[0] <= offs[1]
+    ):
+        raise CheckpointError(f"{where}: bad data_offsets {offs!r}")
+    need = math.prod(shape) * dtype_size(dtype)
+    if offs[1] - offs[0] != need:
+        raise CheckpointError(
+            f"{where}: {dtype}{shape} needs {need} bytes but its offsets span {offs[1] - offs[0]}"
+        )
+    if offs[1] > data_size:
+        raise CheckpointError(
+            f"{where}: data ends at byte {offs[1]} but the file holds {data_size} (truncated?)"
+        )
+    return TensorInfo(tname, dtype, tuple(shape), path, base + offs[0], base + offs[1])
+
+
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path.name}: not valid JSON ({e})") from None
+
+
+def open_checkpoint(folder: Path, require_config: bool = True) -> Checkpoint:
+    """Read every header of a safetensors checkpoint folder and check they agree."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"not a checkpoint folder: {folder}")
+    config = None
+    cfg_path = folder / "config.json"
+    if cfg_path.exists() or require_config:
+        if not cfg_path.exists():
+            raise CheckpointError(f"{folder}: no config.json (not a Hugging Face checkpoint?)")
+        config = _load_json(cfg_path, "config.json")
+        if not isinstance(config, dict):
+            raise CheckpointError("config.json: not a JSON object")
+
+    index_path = folder / INDEX_NAME
+    warnings: list[str] = []
+    metadata: dict[str, dict[str, str]] = {}
+    tensors: dict[str, TensorInfo] = {}
+    if index_path.exists():
+        index = _load_json(index_path, INDEX_NAME)
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise CheckpointError(f"{INDEX_NAME}: no valid weight_map")
+        files = sorted({folder / v for v in wmap.values()}, key=lambda p: natural_key(p.name))
+        headers = {}
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{INDEX_NAME} names shard {f.name}, which is missing")
+            metadata[f.name], headers[f.name] = read_header(f)
+        for tname in sorted(wmap, key=natural_key):
+            shard = wmap[tname]
+            if tname not in headers[shard]:
+                raise CheckpointError(f"{INDEX_NAME} maps {tname!r} to {shard}, which lacks it")
+            tensors[tname] = headers[shard][tname]
+        stray = sum(len(set(h) - set(wmap)) for h in headers.values())
+        if stray:
+            warnings.append(f"{stray} tensor(s) in shards are not in the index; loaders skip them")
+        sharded = True
+    else:
+        files = sorted(folder.glob("*.safetensors"), key=lambda p: natural_key(p.name))
+        if not files:
+            bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+                p.name for p in folder.glob("*.pt*")
+            )
+            if bins:
+                raise CheckpointError(
+                    f"{folder}: only PyTorch pickle weights ({bins[0]}); qcli reads safetensors"
+                    " only (pickles can run code). Convert them first, e.g. with"
+                    " transformers' save_pretrained(safe_serialization=True)"
+                )
+            raise CheckpointError(f"{folder}: no *.safetensors weights found")
+        for f in files:
+            meta, hdr = read_header(f)
+            metadata[f.name] = meta
+            for tname, info in hdr.items():
+                if tname in tensors:
+                    raise CheckpointError(
+                        f"tensor {tname!r} appears in both {tensors[tname].file.name} and {f.name}"
+                    )
+                tensors[tname] = info
+        tensors = dict(sorted(tensors.items(), key=lambda kv: natural_key(kv[0])))
+        sharded = len(files) > 1
+    if not tensors:
+        raise CheckpointError(f"{folder}: the checkpoint holds no tensors")
+    return Checkpoint(folder, tensors, config, files, sharded, metadata, warnings)
+
+
+def _buffer(t: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU tensor's bytes, without numpy or a copy."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
+    """Read one tensor into fresh memory (not a view of a memory map)."""
+    rows = info.shape[0] if info.shape else 1
+    return read_rows(info, fd, 0, rows) if info.shape else read_rows(info, fd, 0, 1).reshape(())
+
+
+def read_rows(info: TensorInfo, fd: int | None, r0: int, r1: int) -> torch.Tensor:
+    """Read rows [r0, r1) along the first dimension into fresh memory."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[info.dtype][1])
+    shape = (r1 - r0, *info.shape[1:]) if info.shape else (1,)
+    out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    if nbytes == 0:
+        return out
+    start = info.start + r0 * (nbytes // max(1, r1 - r0))
+    own = fd is None
+    if own:
+        try:
+            fd = os.open(info.file, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{info.file.name}: cannot open ({e.strerror})") from None
+    try:
+        buf, pos = _buffer(out), 0
+        while pos < nbytes:
+            n = os.preadv(fd, [buf[pos : pos + _MAX_IO]], start + pos)
+            if n <= 0:
+                raise CheckpointError(f"{info.file.name}: tensor {info.name!r} is truncated")
+            pos += n
+    finally:
+        if own:
+            os.close(fd)
+    return out
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor's place in an output shard."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+def layout(slots: Iterable[Slot]) -> list[Slot]:
+    """Order a shard's tensors: widest dtype first, then by name, so every tensor is aligned
+    to its element size (the header is padded to 8) and the order never depends on the run."""
+    return sorted(slots, key=lambda s: (-dtype_size(s.dtype), natural_key(s.name)))
+
+
+def encode_header(slots: list[Slot], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The length-prefixed, space-padded header for `slots` in that order, and each offset."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offsets, pos = {}, 0
+    for s in slots:
+        header[s.name] = {
+            "dtype": s.dtype,
+            "shape": list(s.shape),
+            "data_offsets": [pos, pos + s.nbytes],
+        }
+        offsets[s.name] = pos
+        pos += s.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header is fixed up front; tensors arrive in any order.
+
+    Each tensor is written at its final offset with pwrite, so at most one tensor is in
+    memory and no temporary copy of the shard is needed.
+    """
+
+    def __init__(self, path: Path, slots: Iterable[Slot], metadata: Mapping[str, str]):
+        self.path = Path(path)
+        self.slots = {s.name: s for s in layout(slots)}
+        head, offsets = encode_header(list(self.slots.values()), metadata)
+        self.offsets = {k: len(head) + v for k, v in offsets.items()}
+        self._pending = set(self.slots)
+        self.size = len(head) + sum(s.nbytes for s in self.slots.values())
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _pwrite_all(self.fd, memoryview(head), 0, self.path)
+            _reserve(self.fd, self.size)
+        except OSError as e:
+            raise OutputError(f"cannot write {self.path}: {e.strerror}") from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor; its dtype and shape must be the planned ones."""
+        slot = self.slots[name]
+        got = TORCH_TO_ST.get(str(tensor.dtype).removeprefix("torch."))
+        if got != slot.dtype or tuple(tensor.shape) != slot.shape:
+            raise ValueError(
+                f"{name}: planned {slot.dtype}{list(slot.shape)}, got {got}{list(tensor.shape)}"
+            )
+        self.write_at(name, 0, tensor)
+        self.done(name)
+
+    def write_at(self, name: str, pos: int, tensor: torch.Tensor) -> None:
+        """Write `tensor`'s bytes at byte `pos` inside tensor `name` (a block of rows).
+
+        Thread-safe: blocks of one tensor may be written concurrently and in any order.
+        """
+        t = tensor.contiguous()
+        n = t.numel() * t.element_size()
+        if pos < 0 or pos + n > self.slots[name].nbytes:
+            raise ValueError(f"{name}: block at {pos}+{n} outside the tensor")
+        if n:
+            _pwrite_all(self.fd, _buffer(t), self.offsets[name] + pos, self.path)
+
+    def copy_from(self, name: str, src_fd: int, src_offset: int, pos: int, length: int) -> None:
+        """Copy `length` bytes of a source file into tensor `name` at `pos`, in the kernel."""
+        if pos < 0 or pos + length > self.slots[name].nbytes:
+            raise ValueError(f"{name}: copy at {pos}+{length} outside the tensor")
+        dst, done = self.offsets[name] + pos, 0
+        try:
+            while done < length:
+                n = os.copy_file_range(
+                    src_fd, self.fd, length - done, src_offset + done, dst + done
+                )
+                if n == 0:
+                    raise OutputError(f"{self.path.name}: source ended early copying {name}")
+                done += n
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise OutputError(f"writing {self.path.name} failed: {e.strerror}") from None
+            self._copy_userspace(src_fd, src_offset + done, dst + done, length - done)
+
+    def _copy_userspace(self, src_fd: int, src: int, dst: int, length: int) -> None:
+        chunk = 8 << 20
+        for pos in range(0, length, chunk):
+            data = os.pread(src_fd, min(chunk, length - pos), src + pos)
+            if not data:
+                raise OutputError(f"{self.path.name}: source ended early")
+            _pwrite_all(self.fd, memoryview(data), dst + pos, self.path)
+
+    def done(self, name: str) -> None:
+        if name not in self._pending:
+            raise ValueError(f"{name} written twice")
+        self._pending.discard(name)
+
+    def close(self, sync: bool = True) -> None:
+        """Close the file; with `sync`, flush it to disk first (once per file, not per tensor)."""
+        if self.fd < 0:
+            return
+        try:
+            if self._pending:
+                missing = sorted(self._pending, key=natural_key)[0]
+                raise RuntimeError(f"{self.path.name}: {missing} was never written")
+            if sync:
+                os.fsync(self.fd)
+        except OSError as e:
+            raise OutputError(f"writing {self.path.name} failed: {e.strerror}") from None
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# copy_file_range refuses some file pairs (other filesystems, old kernels): copy by hand then.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file its final size now, so a full disk fails here, not half-way through."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    pos = 0
+    try:
+        while pos < len(buf):
+            pos += os.pwrite(fd, buf[pos : pos + _MAX_IO], offset + pos)
+    except OSError as e:
+        raise OutputError(f"writing {path.name} failed: {e.strerror}") from None
+
+
+def index_json(weight_map: Mapping[str, str], total_size: int) -> str:
+    """``model.safetensors.index.json`` as transformers writes it (sorted, stable)."""
+    body = {
+        "metadata": {"total_size": total_size},
+        "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
+    }
+    return json.dumps(body, indent=2) + "\n"
