@@ -16,7 +16,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,22 +103,35 @@ def natural_key(name: str) -> tuple:
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     """Parse and validate one safetensors file's header; returns (__metadata__, tensors)."""
-    name = path.name
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{name}: truncated file ({size} bytes, no header)")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER_BYTES or hlen > size - 8:
-                raise CheckpointError(
-                    f"{name}: header length field says {hlen} bytes but the file has {size}"
-                    " (corrupt or truncated)"
-                )
+            hlen = header_length(path.name, f.read(8), size)
             raw = f.read(hlen)
     except OSError as e:
-        raise CheckpointError(f"{name}: cannot read ({e.strerror or e})") from None
+        raise CheckpointError(f"{path.name}: cannot read ({e.strerror or e})") from None
+    return parse_header(path, raw, size)
+
+
+def header_length(name: str, head: bytes, size: int) -> int:
+    """The header length in a file's first 8 bytes, checked against the file's `size`."""
+    if len(head) < 8:
+        raise CheckpointError(f"{name}: truncated file ({size} bytes, no header)")
+    (hlen,) = struct.unpack("<Q", head[:8])
+    if hlen > MAX_HEADER_BYTES or hlen > size - 8:
+        raise CheckpointError(
+            f"{name}: header length field says {hlen} bytes but the file has {size}"
+            " (corrupt or truncated)"
+        )
+    return hlen
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    """Validate the header JSON `raw` of the `size`-byte safetensors file `path`.
+
+    Separate from reading so that headers fetched over HTTP (qcli.hub) get the same checks.
+    """
+    name = path.name
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -128,7 +141,7 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{name}: __metadata__ is not an object")
-    base = 8 + hlen
+    base = 8 + len(raw)
     data_size = size - base
     tensors: dict[str, TensorInfo] = {}
     for tname, entry in header.items():
@@ -181,8 +194,21 @@ def _load_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{path.name}: not valid JSON ({e})") from None
 
 
-def open_checkpoint(folder: Path, require_config: bool = True) -> Checkpoint:
-    """Read every header of a safetensors checkpoint folder and check they agree."""
+HeaderReader = Callable[[Path], tuple[dict[str, str], dict[str, TensorInfo]]]
+
+
+def open_checkpoint(
+    folder: Path,
+    require_config: bool = True,
+    read: HeaderReader | None = None,
+    weight_files: Sequence[Path] | None = None,
+) -> Checkpoint:
+    """Read every header of a safetensors checkpoint folder and check they agree.
+
+    `read` and `weight_files` let qcli.hub build a Checkpoint whose shards are not on disk
+    (headers fetched over HTTP): `read` replaces the local header reader, and `weight_files`
+    the ``*.safetensors`` listing of a folder without an index.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"not a checkpoint folder: {folder}")
@@ -207,9 +233,9 @@ def open_checkpoint(folder: Path, require_config: bool = True) -> Checkpoint:
         files = sorted({folder / v for v in wmap.values()}, key=lambda p: natural_key(p.name))
         headers = {}
         for f in files:
-            if not f.is_file():
+            if read is None and not f.is_file():
                 raise CheckpointError(f"{INDEX_NAME} names shard {f.name}, which is missing")
-            metadata[f.name], headers[f.name] = read_header(f)
+            metadata[f.name], headers[f.name] = (read or read_header)(f)
         for tname in sorted(wmap, key=natural_key):
             shard = wmap[tname]
             if tname not in headers[shard]:
@@ -220,7 +246,10 @@ def open_checkpoint(folder: Path, require_config: bool = True) -> Checkpoint:
             warnings.append(f"{stray} tensor(s) in shards are not in the index; loaders skip them")
         sharded = True
     else:
-        files = sorted(folder.glob("*.safetensors"), key=lambda p: natural_key(p.name))
+        files = sorted(
+            folder.glob("*.safetensors") if weight_files is None else weight_files,
+            key=lambda p: natural_key(p.name),
+        )
         if not files:
             bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(
                 p.name for p in folder.glob("*.pt*")
@@ -233,7 +262,7 @@ def open_checkpoint(folder: Path, require_config: bool = True) -> Checkpoint:
                 )
             raise CheckpointError(f"{folder}: no *.safetensors weights found")
         for f in files:
-            meta, hdr = read_header(f)
+            meta, hdr = (read or read_header)(f)
             metadata[f.name] = meta
             for tname, info in hdr.items():
                 if tname in tensors:

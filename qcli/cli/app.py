@@ -6,8 +6,12 @@ import os
 import signal
 import sys
 
-import click
 import typer
+
+try:  # Typer >= 0.29 vendors its own click: the installed click's exceptions never reach us.
+    from typer._click.exceptions import ClickException
+except ImportError:  # older Typer runs on click itself
+    from click import ClickException
 
 from qcli import __version__
 from qcli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, QcliError
@@ -21,6 +25,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help formatter: Typer's rich formatter imports rich.markdown, markdown_it
+    # and pygments (~100 ms, more than the rest of `qcli --help` together).
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -47,10 +54,14 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Interrupted("terminated (SIGTERM); partial output removed")
 
 
+def _error(message: str) -> None:
+    from qcli import report  # imported only when needed: rich's console costs --help ~25 ms
+
+    report.error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app, turns every failure into one line on stderr."""
-    from qcli import report
-
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         # Outside standalone mode click returns the code of typer.Exit(code) instead of exiting.
@@ -58,21 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         code = rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         code = e.exit_code
-    except click.exceptions.Exit as e:
-        code = e.exit_code
-    except click.ClickException as e:
+    except ClickException as e:  # usage errors: bad option, missing argument
         e.show()
         code = e.exit_code if e.exit_code else EXIT_BAD_INPUT
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        report.error("interrupted; partial output removed")
+    except (KeyboardInterrupt, typer.Abort):
+        _error("interrupted; partial output removed")
         code = EXIT_INTERRUPTED
     except QcliError as e:
-        report.error(str(e))
+        _error(str(e))
         code = e.exit_code
     except Exception as e:  # a bug in qcli: still one line, traceback on request
         if os.environ.get("QCLI_DEBUG"):
             raise
-        report.error(
+        _error(
             f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             " (rerun with QCLI_DEBUG=1 for the traceback)"
         )
