@@ -178,8 +178,10 @@ def _write_all(
                 writer = ShardWriter(tmp / fname, slots, meta)
                 try:
                     _run_shard(plan, writer, tplans, src_fds, pool, workers, progress)
-                finally:
-                    writer.close(sync=sync)
+                except BaseException:
+                    writer.abort()
+                    raise
+                writer.close(sync=sync)
                 files.append(fname)
     except OSError as e:
         raise OutputError(f"cannot read or write: {e}") from None
@@ -283,7 +285,12 @@ def _quantize_block(
     try:
         q, scale = quant.quantize_weight(w, scheme.kind, scale_dtype)
     except quant.NonFiniteWeightError as e:
-        raise InputError(f"tensor {tp.source!r}: {e} (row offset {r0})") from None
+        raise InputError(
+            f"tensor {tp.source!r} holds a non-finite value ({e.value}) in row {r0 + e.row};"
+            " refusing to quantize it"
+        ) from None
+    except ValueError as e:  # e.g. a scale that overflows the checkpoint's dtype
+        raise InputError(f"tensor {tp.source!r}: {e}") from None
     cols = info.shape[1]
     if scheme.packed:
         packed = quant.pack_int8(q)

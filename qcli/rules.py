@@ -82,7 +82,11 @@ def decide(
     default_ignore: bool = True,
 ) -> Match:
     """Whether module `name` is quantized, and the rule that decided it."""
-    t = first_match(targets, name, kind)
+    # An entry that names the module (or a regex that picks it) outranks a class match, so
+    # that default ignores yield to it whatever the order of the targets.
+    explicit = [e for e in targets if entry_matches(e, name, kind) in ("name", "regex")]
+    t = (explicit[0], entry_matches(explicit[0], name, kind)) if explicit else None
+    t = t or first_match(targets, name, kind)
     if t is None:
         return Match(False, "not targeted")
     i = first_match(ignore, name, kind)

@@ -430,6 +430,12 @@ class ShardWriter:
             raise ValueError(f"{name} written twice")
         self._pending.discard(name)
 
+    def abort(self) -> None:
+        """Close without checks: the caller is failing and removes the file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self, sync: bool = True) -> None:
         """Close the file; with `sync`, flush it to disk first (once per file, not per tensor)."""
         if self.fd < 0:

@@ -24,6 +24,8 @@ IDS = torch.tensor([[1, 17, 42, 99, 311, 7, 256, 3, 64, 128, 5, 200]])
 
 def _quantize(src: Path, out: Path, scheme: str, lm_head: bool) -> Path:
     args = ["quantize", str(src), str(out), "--scheme", scheme, "--quiet", "--overwrite"]
+    if "sharded" in src.name:
+        args += ["--max-shard-size", "200KB"]
     assert main(args + (["--lm-head"] if lm_head else [])) == 0
     return out
 
