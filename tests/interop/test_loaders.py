@@ -78,13 +78,17 @@ def _decompress_all(out: Path) -> dict[str, torch.Tensor]:
         if not name.endswith(".weight_scale"):
             continue
         module = name.removesuffix(".weight_scale")
-        local = {k.removeprefix(module + "."): v for k, v in tensors.items() if k.startswith(module + ".")}
+        local = {
+            k.removeprefix(module + "."): v
+            for k, v in tensors.items()
+            if k.startswith(module + ".")
+        }
         local = {k: v for k, v in local.items() if "." not in k}
         result[module] = compressor.decompress(local, scheme)["weight"]
     return result
 
 
-def _check(src: Path, out: Path, scheme: str, lm_head: bool, tied: bool) -> None:
+def _check(src: Path, out: Path, scheme: str, lm_head: bool, tied: bool, capfd) -> None:
     from qcli.quant import quant_error_ratio, unpack_int8
 
     cfg = load_config(out)
@@ -122,28 +126,33 @@ def _check(src: Path, out: Path, scheme: str, lm_head: bool, tied: bool) -> None
             from transformers.utils.quantization_config import CompressedTensorsConfig
 
             qkw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        capfd.readouterr()
         logits, info = _logits(out, **qkw)
+        # transformers prints a LOAD REPORT for any missing/unexpected/mismatched key
+        assert "LOAD REPORT" not in capfd.readouterr().err
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         assert not info.get("mismatched_keys"), info
         assert _cos(logits, ref_logits) > 0.98, (kwargs, _cos(logits, ref_logits))
 
 
 @pytest.mark.parametrize("lm_head", [True, False])
-def test_w8a8_llama(models, tmp_path: Path, lm_head: bool) -> None:
+def test_w8a8_llama(models, tmp_path: Path, lm_head: bool, capfd) -> None:
     """The default run's quick version of the matrix below."""
     out = _quantize(models["llama"], tmp_path / "out", "W8A8", lm_head)
-    _check(models["llama"], out, "W8A8", lm_head, tied=False)
+    _check(models["llama"], out, "W8A8", lm_head, tied=False, capfd=capfd)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lm_head", [True, False])
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("model", ["llama", "qwen2", "llama-sharded"])
-def test_every_scheme_loads(models, tmp_path: Path, model: str, scheme: str, lm_head: bool) -> None:
+def test_every_scheme_loads(
+    models, tmp_path: Path, model: str, scheme: str, lm_head: bool, capfd
+) -> None:
     out = _quantize(models[model], tmp_path / "out", scheme, lm_head)
     if model == "llama-sharded":
         assert (out / "model.safetensors.index.json").exists()
-    _check(models[model], out, scheme, lm_head, tied=model == "qwen2")
+    _check(models[model], out, scheme, lm_head, tied=model == "qwen2", capfd=capfd)
 
 
 def test_rerun_is_byte_identical(models, tmp_path: Path) -> None:
