@@ -49,6 +49,9 @@ class Options:
     ignore: Sequence[str] = ()
     lm_head: bool = False
     default_ignore: bool = True
+    # An entry that matches nothing is almost always a typo that would silently quantize (or
+    # keep) the wrong layers, so it stops the run unless the user opts out.
+    allow_unmatched: bool = False
 
 
 @dataclass
@@ -129,7 +132,8 @@ def _embedding_weight(ck: Checkpoint, modules: dict[str, kinds.Module]) -> str |
 
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config") or config
+    sub = config.get("text_config")
+    return sub if isinstance(sub, dict) and sub else config  # a malformed one is ignored
 
 
 def set_untied(config: dict[str, Any]) -> None:
@@ -215,8 +219,39 @@ def build(ck: Checkpoint, opts: Options) -> Plan:
             " tie_word_embeddings is set to false (vLLM would drop a tied lm_head's scale)"
         )
 
+    # A source tensor may already carry a name qcli writes (e.g. `M.weight_shape` next to
+    # `M.weight` under W8A16): two tensors for one slot would corrupt the shard.
+    made: dict[str, str] = {}
+    for tp in plans:
+        for s in tp.outputs:
+            if s.name in made:
+                raise PlanError(
+                    f"output tensor {s.name!r} would be written twice (from {made[s.name]!r}"
+                    f" and {tp.source!r}); the source already holds a tensor of that name"
+                )
+            made[s.name] = tp.source
+
+    unmatched = [
+        f"target {t!r} matches no module"
+        for t in opts.targets
+        if not any(rules.entry_matches(t, m.name, m.kind) for m in modules.values())
+        and not (head_name and rules.entry_matches(t, head_name, "Linear"))
+    ] + [
+        f"ignore entry {i!r} matches no Linear module"
+        for i in opts.ignore
+        if not any(rules.entry_matches(i, n, "Linear") for n in selected)
+    ]
+    if unmatched and not opts.allow_unmatched:
+        raise PlanError(f"{unmatched[0]} (check the spelling; --allow-unmatched to go on)")
+    warnings.extend(unmatched)
+
     quantized = sorted((n for n, s in selected.items() if s.selected), key=natural_key)
-    dense_linear = sorted((n for n, s in selected.items() if not s.selected), key=natural_key)
+    # GPT-2-style Conv1D layers stay dense (their weight is stored transposed), but vLLM builds
+    # them as LinearBase, which the target "Linear" matches: they must be listed in ignore.
+    conv1d = [m.name for m in modules.values() if m.kind == "Conv1D" and m.weight]
+    dense_linear = sorted(
+        [n for n, s in selected.items() if not s.selected] + conv1d, key=natural_key
+    )
     fused = kinds.fused_groups(selected)
     for group in fused:
         states = {g: selected[g].selected for g in group}
@@ -229,14 +264,6 @@ def build(ck: Checkpoint, opts: Options) -> Plan:
             )
     if not quantized:
         raise PlanError("the targets select no Linear layer: nothing would be quantized")
-    for t in opts.targets:
-        if not any(rules.entry_matches(t, m.name, m.kind) for m in modules.values()) and not (
-            head_name and rules.entry_matches(t, head_name, "Linear")
-        ):
-            warnings.append(f"target {t!r} matches no module")
-    for i in opts.ignore:
-        if not any(rules.entry_matches(i, n, "Linear") for n in selected):
-            warnings.append(f"ignore entry {i!r} matches no Linear module")
     if lm_state == "quantized" and not scheme.vllm_lm_head_ok:
         warnings.append(
             f"lm_head quantized with {scheme.name}: current vLLM cannot load an fp8 weight-only"

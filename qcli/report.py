@@ -6,15 +6,17 @@ Everything here renders data that other modules computed; nothing decides anythi
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from qcli.plan import Plan
+    from qcli.plan import Plan, TensorPlan
 
 # People read stderr; stdout carries only JSON, so `qcli ... --json | jq` always works.
 console = Console(stderr=True, highlight=False)
@@ -43,12 +45,24 @@ def warn(message: str) -> None:
 
 def plan_json(plan: Plan, detail: bool = True) -> dict[str, Any]:
     """The whole plan as data: the same decisions `quantize` executes."""
+    from qcli import kinds
+
     ck = plan.checkpoint
+    qc = plan.config["quantization_config"]
     body: dict[str, Any] = {
         "source": str(ck.folder),
         "scheme": plan.scheme.name,
         "format": plan.scheme.format,
+        "options": {
+            "targets": list(plan.options.targets),
+            "ignore": list(plan.options.ignore),
+            "lm_head": plan.options.lm_head,
+            "default_ignore": plan.options.default_ignore,
+            "allow_unmatched": plan.options.allow_unmatched,
+        },
         "lm_head": plan.lm_head,
+        "lm_head_rule": _lm_head_rule(plan),
+        "tied_embeddings": kinds.tied_embeddings(ck.config or {}),
         "untie_lm_head": plan.untie,
         "counts": plan.counts(),
         "quantized_modules": len(plan.quantized),
@@ -56,11 +70,14 @@ def plan_json(plan: Plan, detail: bool = True) -> dict[str, Any]:
         "fused_groups": [list(g) for g in plan.fused],
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
-        "targets": plan.config["quantization_config"]["config_groups"]["group_0"]["targets"],
-        "ignore": plan.config["quantization_config"]["ignore"],
+        "ratio": round(plan.bytes_in / plan.bytes_out, 3) if plan.bytes_out else None,
+        "targets": qc["config_groups"]["group_0"]["targets"],
+        "ignore": qc["ignore"],
         "warnings": plan.warnings,
     }
     if detail:
+        body["quantized_module_names"] = plan.quantized
+        body["quantization_config"] = qc
         body["tensors"] = [
             {
                 "name": tp.source,
@@ -80,51 +97,151 @@ def plan_json(plan: Plan, detail: bool = True) -> dict[str, Any]:
     return body
 
 
-def plan_table(plan: Plan, show_all: bool = False, pattern: str | None = None) -> Table:
-    """Per-tensor decisions; by default quantized modules are summarized by rule, except
-    lm_head and anything not decided by the common rule, which are always shown."""
-    import re
-
-    table = Table(title=f"Plan: {plan.scheme.name} ({plan.scheme.format})", title_justify="left")
-    for col in ("tensor", "kind", "action", "rule", "before", "after"):
-        table.add_column(col, justify="right" if col in ("before", "after") else "left")
-    rx = re.compile(pattern) if pattern else None
-    common = Counter((tp.action, tp.rule) for tp in plan.tensors).most_common(2)
-    routine = {k for k, n in common if n > 8}
-    hidden: Counter = Counter()
+def _lm_head_rule(plan: Plan) -> str | None:
+    """Why lm_head ends up as it does: the rule that decided its tensor, or the tie."""
+    heads = {m.name for m in plan.modules.values() if m.role == "lm_head"} or {"lm_head"}
     for tp in plan.tensors:
-        interesting = tp.module == "lm_head" or tp.note or (tp.action, tp.rule) not in routine
-        if rx is not None and not rx.search(tp.source):
-            continue
-        if not (show_all or rx is not None or interesting):
-            hidden[(tp.action, tp.rule)] += 1
-            continue
-        style = "green" if tp.action == "quantize" else None
-        name = tp.source if tp.outputs[0].name == tp.source else f"{tp.source} → {tp.module}"
-        table.add_row(
-            name,
-            tp.kind,
-            f"[{style}]{tp.action}[/]" if style else tp.action,
-            tp.rule + (f" — {tp.note}" if tp.note else ""),
-            human_bytes(tp.bytes_in),
-            human_bytes(tp.bytes_out),
-        )
-    for (action, rule), n in sorted(hidden.items()):
-        table.add_row(f"[dim]… {n} more[/]", "", action, rule, "", "")
+        if tp.module in heads and tp.kind == "Linear":
+            return tp.rule
+    if plan.lm_head == "dense":
+        return "tied to the input embedding: no lm_head tensor, loaders reuse the embedding"
+    return None
+
+
+def plan_table(plan: Plan, show_all: bool = False, pattern: str | None = None) -> Table:
+    """Each tensor's fate and the rule that decided it, bytes before and after.
+
+    By default tensors that differ only in their layer index share one row ("layers 0-31"),
+    so a 100-layer model fits a screen; `show_all` lists every tensor, `pattern` (a regex
+    searched in tensor names) lists the matching ones.
+    """
+    from rich.markup import escape
+
+    from qcli.inspect import collapse
+
+    table = Table(
+        title=f"Plan: {plan.scheme.name} ({plan.scheme.format})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        expand=True,  # column ratios apply only to an expanded table
+    )
+    rx = compile_filter(pattern) if pattern else None
+    rows = [tp for tp in plan.tensors if rx is None or rx.search(tp.source)]
+    by_name: dict[str, list[TensorPlan]] = {}
+    for tp in rows:
+        by_name.setdefault(tp.source, []).append(tp)
+    if show_all or rx is not None:
+        groups = [[tp] for tp in rows]
+    else:
+        # one row per (layer pattern, kind, action, rule): same fate, same reason
+        keyed: dict[tuple[str, str, str, str], list[TensorPlan]] = {}
+        for c in collapse(list(by_name)):
+            for name in c.names:
+                for tp in by_name[name]:
+                    keyed.setdefault((c.pattern, tp.kind, tp.action, tp.rule), []).append(tp)
+        groups = list(keyed.values())
+    cells = [_plan_row(plan, members) for members in groups]
+    # Names are what people scan: three parts of the free width, the rule two.
+    # (No min_width: rich crops the last column when the minimums overflow the console.)
+    table.add_column("tensor", overflow="fold", ratio=3)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("action", no_wrap=True)
+    table.add_column("rule", ratio=2)
+    table.add_column("size", justify="right", no_wrap=True)
+    for name, *rest in cells:
+        table.add_row(escape(name), *rest)
+    if not rows:
+        table.add_row(f"[dim]no tensor matches {escape(repr(pattern))}[/]", "", "", "", "")
     return table
 
 
+def _plan_row(plan: Plan, members: list[TensorPlan]) -> list[str]:
+    """tensor, layers, kind, action, rule, size (before → after) for tensors of one fate."""
+    from rich.markup import escape
+
+    from qcli.inspect import collapse
+
+    tp = members[0]
+    name = collapse([m.source for m in members])[0].label if len(members) > 1 else tp.source
+    if tp.outputs and tp.outputs[0].name != tp.source:
+        name += f" → {tp.module}"
+    rule = tp.rule
+    module = plan.modules.get(tp.module)
+    if (
+        tp.action == "copy"
+        and tp.module in plan.quantized
+        and module
+        and tp.source != module.weight
+    ):
+        # e.g. a bias: its module is quantized, the tensor itself is copied as is
+        rule = f"{tp.source.rpartition('.')[2]} of a quantized module: copied"
+    if tp.note:
+        rule += f" — {tp.note}"
+    action = "[green]quantize[/]" if tp.action == "quantize" else tp.action
+    before = short_bytes(sum(m.bytes_in for m in members))
+    after = short_bytes(sum(m.bytes_out for m in members))
+    size = before if before == after else f"{before} → {after}"
+    return [name, tp.kind, action, escape(rule), size]
+
+
+def short_bytes(n: float) -> str:
+    """Three significant digits ("131 KB", "66.6 KB", "1.21 GB"): table cells stay narrow."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 999.5 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 99.95 else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+def compile_filter(pattern: str) -> re.Pattern[str]:
+    """A --filter regex, or a one-line InputError."""
+    from qcli.errors import InputError
+
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise InputError(f"invalid --filter regular expression {pattern!r}: {e}") from None
+
+
 def print_plan_summary(plan: Plan) -> None:
+    """What the run does in a few lines: modules, lm_head, size, fused groups, warnings."""
+    from rich.markup import escape
+
+    from qcli import kinds
+
     counts = plan.counts()
     ratio = plan.bytes_in / plan.bytes_out if plan.bytes_out else 0
+    dense = len(plan.dense_linear)
     console.print(
-        f"{plan.scheme.name}: {counts.get('quantize', 0)} tensors quantized,"
-        f" {counts.get('copy', 0)} copied; lm_head [bold]{plan.lm_head}[/]"
-        f"{' (untied from the embedding)' if plan.untie else ''};"
-        f" {human_bytes(plan.bytes_in)} → {human_bytes(plan.bytes_out)} ({ratio:.2f}×)"
+        f"[bold]{plan.scheme.name}[/] ({plan.scheme.format}): {len(plan.quantized)} Linear"
+        f" modules quantized, {dense} kept dense; {counts.get('quantize', 0)} tensors"
+        f" quantized, {counts.get('copy', 0)} copied"
     )
+    rule = _lm_head_rule(plan)
+    console.print(
+        f"lm_head: [bold]{plan.lm_head}[/]"
+        + (" (untied: written quantized from the embedding)" if plan.untie else "")
+        + (f" — {escape(rule)}" if rule and not plan.untie else "")
+    )
+    console.print(
+        f"size: {human_bytes(plan.bytes_in)} → {human_bytes(plan.bytes_out)}"
+        f" (estimated; {ratio:.2f}× smaller)"
+    )
+    if plan.fused:
+        shapes = Counter(
+            "/".join(m.rpartition(".")[2] for m in g) if len(g) < 5 else f"{len(g)} experts"
+            for g in plan.fused
+        )
+        parts = ", ".join(f"{k} ×{n}" for k, n in shapes.items())
+        console.print(f"fused groups (vLLM): {len(plan.fused)} ({parts}); all parts alike")
+    if kinds.tied_embeddings(plan.checkpoint.config or {}) and not plan.untie:
+        console.print("tied embeddings: lm_head stays tied to the dense embedding table")
+    if plan.dense_linear:
+        shown = ", ".join(plan.dense_linear[:4]) + (" …" if len(plan.dense_linear) > 4 else "")
+        console.print(f"ignore (written to config): {escape(shown)}")
     for w in plan.warnings:
-        warn(w)
+        warn(escape(w))
 
 
 class byte_progress:  # noqa: N801  (used as a context manager, reads like a function)

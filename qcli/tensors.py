@@ -136,6 +136,8 @@ def parse_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, str], dic
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{name}: header is not valid JSON ({e})") from None
+    except RecursionError:  # e.g. [[[[...]]]] thousands deep
+        raise CheckpointError(f"{name}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -160,7 +162,7 @@ def _tensor_entry(
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or object is unhashable
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -192,6 +194,33 @@ def _load_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path.name}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path.name}: JSON nested too deeply") from None
+
+
+# Keys whose type qcli's decisions depend on (tying, architecture tables): a wrong type must
+# be named here rather than crash deep inside, or be silently misread (bool("no") is True).
+_CONFIG_TYPES: dict[str, tuple[type, str]] = {
+    "model_type": (str, "a string"),
+    "tie_word_embeddings": (bool, "true or false"),
+}
+
+
+def check_config_types(config: Mapping[str, Any]) -> None:
+    """Refuse a config.json (or nested sub-config) whose key qcli reads has the wrong type."""
+    stack: list[tuple[Mapping[str, Any], str]] = [(config, "config.json")]
+    while stack:  # not recursive: a hostile file can nest a thousand levels deep
+        cfg, where = stack.pop()
+        for key, (kind, expected) in _CONFIG_TYPES.items():
+            value = cfg.get(key)
+            if value is not None and not isinstance(value, kind):
+                shown = json.dumps(value)[:40]
+                raise CheckpointError(f"{where}: {key!r} is {shown}, expected {expected}")
+        stack.extend(
+            (v, f"{where} {k}")
+            for k, v in cfg.items()
+            if isinstance(v, dict) and k != "quantization_config"
+        )
 
 
 HeaderReader = Callable[[Path], tuple[dict[str, str], dict[str, TensorInfo]]]
@@ -220,6 +249,7 @@ def open_checkpoint(
         config = _load_json(cfg_path, "config.json")
         if not isinstance(config, dict):
             raise CheckpointError("config.json: not a JSON object")
+        check_config_types(config)
 
     index_path = folder / INDEX_NAME
     warnings: list[str] = []

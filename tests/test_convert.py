@@ -84,7 +84,10 @@ def test_output_is_atomic_and_overwrite(tmp_path: Path) -> None:
 
 
 def test_failure_leaves_nothing(tmp_path: Path) -> None:
-    src = _llama(tmp_path / "src", extra={"model.layers.0.mlp.up_proj.weight": torch.full((128, 64), float("nan")).bfloat16()})
+    src = _llama(
+        tmp_path / "src",
+        extra={"model.layers.0.mlp.up_proj.weight": torch.full((128, 64), float("nan")).bfloat16()},
+    )
     with pytest.raises(InputError, match="up_proj.*non-finite"):
         _run(src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -127,5 +130,7 @@ def test_cli_json_and_exit_codes(tmp_path: Path, capsys) -> None:
     assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "q")]) == 2
     assert main(["quantize", str(EXAMPLE), str(tmp_path / "r"), "--targets", "re:("]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "unknown scheme" in err and "invalid regular expression" in err
+    assert (
+        "Traceback" not in err and "unknown scheme" in err and "invalid regular expression" in err
+    )
     assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()

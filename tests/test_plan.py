@@ -14,10 +14,12 @@ from qcli.errors import InputError, PlanError
 from qcli.schemes import get_scheme
 from qcli.tensors import open_checkpoint
 
-H, I, V = 64, 128, 256
+H, I, V = 64, 128, 256  # noqa: E741  (hidden, intermediate, vocab)
 
 
-def _llama(tmp: Path, *, tied: bool = False, extra: dict | None = None, cfg: dict | None = None) -> Path:
+def _llama(
+    tmp: Path, *, tied: bool = False, extra: dict | None = None, cfg: dict | None = None
+) -> Path:
     ts = {"model.embed_tokens.weight": torch.randn(V, H).bfloat16()}
     p = "model.layers.0"
     for n, shape in {
@@ -127,7 +129,10 @@ def test_split_fused_group_is_refused(tmp_path: Path) -> None:
 
 def test_ignored_modules_are_listed_by_name(tmp_path: Path) -> None:
     plan = _plan(_llama(tmp_path), ignore=("re:.*down_proj",))
-    assert plan.config["quantization_config"]["ignore"] == ["lm_head", "model.layers.0.mlp.down_proj"]
+    assert plan.config["quantization_config"]["ignore"] == [
+        "lm_head",
+        "model.layers.0.mlp.down_proj",
+    ]
 
 
 def test_w8a16_packs(tmp_path: Path) -> None:
@@ -141,21 +146,32 @@ def test_w8a16_packs(tmp_path: Path) -> None:
 def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="Linear layers only"):
         _plan(_llama(tmp_path / "a"), targets=("Embedding",))
-    with pytest.raises(PlanError, match="nothing would be quantized"):
+    with pytest.raises(PlanError, match="'re:nothing' matches no module"):
         _plan(_llama(tmp_path / "b"), targets=("re:nothing",))
+    with pytest.raises(PlanError, match="nothing would be quantized"):
+        _plan(_llama(tmp_path / "b"), targets=("re:nothing",), allow_unmatched=True)
     quantized = _llama(tmp_path / "c", cfg={"quantization_config": {"quant_method": "fp8"}})
     with pytest.raises(InputError, match="already quantized"):
         _plan(quantized)
-    scaled = _llama(tmp_path / "d", extra={"model.layers.0.mlp.up_proj.weight_scale": torch.ones(I, 1)})
+    scaled = _llama(
+        tmp_path / "d", extra={"model.layers.0.mlp.up_proj.weight_scale": torch.ones(I, 1)}
+    )
     with pytest.raises(InputError, match="already quantized"):
         _plan(scaled)
-    ints = _llama(tmp_path / "e", extra={"model.layers.0.mlp.up_proj.weight": torch.ones(I, H, dtype=torch.int32)})
+    ints = _llama(
+        tmp_path / "e",
+        extra={"model.layers.0.mlp.up_proj.weight": torch.ones(I, H, dtype=torch.int32)},
+    )
     with pytest.raises(InputError, match="float"):
         _plan(ints)
 
 
-def test_target_matching_nothing_warns(tmp_path: Path) -> None:
-    plan = _plan(_llama(tmp_path), targets=("Linear", "re:.*nonexistent"))
+def test_target_matching_nothing_is_an_error_unless_allowed(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="target 're:.*nonexistent' matches no module"):
+        _plan(_llama(tmp_path), targets=("Linear", "re:.*nonexistent"))
+    with pytest.raises(PlanError, match="ignore entry 'mlp' matches no Linear module"):
+        _plan(_llama(tmp_path), ignore=("mlp",))
+    plan = _plan(_llama(tmp_path), targets=("Linear", "re:.*nonexistent"), allow_unmatched=True)
     assert any("nonexistent" in w for w in plan.warnings)
 
 

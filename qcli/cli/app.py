@@ -50,19 +50,43 @@ def _root(
     output failed; 4 internal error; 130 interrupted."""
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Interrupted("terminated (SIGTERM); partial output removed")
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_INTERRUPTED = "interrupted; partial output removed"
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    # The first signal starts a clean abort; later ones (an impatient second Ctrl-C, a process
+    # manager repeating SIGTERM) are ignored, so they cannot cut the cleanup short and leave a
+    # partial folder behind, nor turn the one-line message into a traceback.
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if signum == signal.SIGTERM:
+        raise Interrupted("terminated (SIGTERM); partial output removed")
+    raise KeyboardInterrupt
 
 
 def _error(message: str) -> None:
+    from rich.markup import escape
+
     from qcli import report  # imported only when needed: rich's console costs --help ~25 ms
 
-    report.error(message)
+    # Messages quote user input (regexes, tensor names from a stranger's checkpoint): a "[/x]"
+    # in them must print as is, not be read as rich markup (which raised a MarkupError here).
+    report.error(escape(message))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app, turns every failure into one line on stderr."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    saved = {sig: signal.signal(sig, _on_signal) for sig in _SIGNALS}
+    try:
+        return _main(argv)
+    finally:  # in-process callers (tests) get their own handlers back
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
+    reported = False
     try:
         # Outside standalone mode click returns the code of typer.Exit(code) instead of exiting.
         rv = app(args=argv, standalone_mode=False, prog_name="qcli")
@@ -72,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except ClickException as e:  # usage errors: bad option, missing argument
         e.show()
         code = e.exit_code if e.exit_code else EXIT_BAD_INPUT
+        reported = True
     except (KeyboardInterrupt, typer.Abort):
-        _error("interrupted; partial output removed")
         code = EXIT_INTERRUPTED
     except QcliError as e:
         _error(str(e))
-        code = e.exit_code
+        code, reported = e.exit_code, True
     except Exception as e:  # a bug in qcli: still one line, traceback on request
         if os.environ.get("QCLI_DEBUG"):
             raise
@@ -85,10 +109,20 @@ def main(argv: list[str] | None = None) -> int:
             f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             " (rerun with QCLI_DEBUG=1 for the traceback)"
         )
-        code = EXIT_INTERNAL
+        code, reported = EXIT_INTERNAL, True
+    if code == EXIT_INTERRUPTED and not reported:
+        # Typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130: say what happened.
+        _error(_INTERRUPTED)
     sys.stdout.flush()
     return code
 
 
 def run() -> None:
-    sys.exit(main())
+    """The `qcli` console script: like main(), but the process is about to exit, so signals
+    stay ignored once the run is over (a late one would otherwise kill it mid-exit)."""
+    for sig in _SIGNALS:
+        signal.signal(sig, _on_signal)
+    code = _main(None)
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -23,39 +24,75 @@ Examples:
 """
 
 
-@app.command(help="Quantize a checkpoint's Linear layers to int8 / fp8 compressed-tensors." + _EXAMPLES)
+@app.command(
+    help="Quantize a checkpoint's Linear layers to int8 / fp8 compressed-tensors." + _EXAMPLES
+)
 def quantize(
-    src: str = typer.Argument(..., help="Local checkpoint folder or hub repo id (org/name)."),
-    out: Path = typer.Argument(..., help="Output folder (must not exist unless --overwrite)."),
-    scheme: str = typer.Option(
-        "W8A8", "--scheme", "-s", help="W8A8 | W8A16 | FP8_DYNAMIC | FP8 (see README)."
-    ),
-    targets: list[str] = typer.Option(
-        None,
-        "--targets",
-        "-t",
-        help="Module to quantize: exact name, class (Linear), or 're:' regex. Repeatable."
-        " Default: Linear.",
-    ),
-    ignore: list[str] = typer.Option(
-        None, "--ignore", "-i", help="Module to keep dense (same syntax; wins). Repeatable."
-    ),
-    lm_head: bool = typer.Option(
-        False, "--lm-head", help="Quantize lm_head too (named in targets, as vLLM requires)."
-    ),
-    default_ignore: bool = typer.Option(
-        True,
-        "--default-ignore/--no-default-ignore",
-        help="Keep lm_head, MoE routers and vision towers dense unless named explicitly.",
-    ),
-    revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit)."),
-    token: str = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token.", show_default=False),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; write nothing."),
-    workers: int = typer.Option(0, "--workers", help="Threads (0: one per core, up to 4)."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    src: Annotated[str, typer.Argument(help="Local checkpoint folder or hub repo id (org/name).")],
+    out: Annotated[Path, typer.Argument(help="Output folder (must not exist unless --overwrite).")],
+    scheme: Annotated[
+        str, typer.Option("--scheme", "-s", help="W8A8 | W8A16 | FP8_DYNAMIC | FP8 (see README).")
+    ] = "W8A8",
+    targets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--targets",
+            "-t",
+            help="Module to quantize: exact name, class (Linear), or 're:' regex. Repeatable."
+            " Default: Linear.",
+        ),
+    ] = None,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ignore", "-i", help="Module to keep dense (same syntax; wins). Repeatable."
+        ),
+    ] = None,
+    lm_head: Annotated[
+        bool,
+        typer.Option(
+            "--lm-head", help="Quantize lm_head too (named in targets, as vLLM requires)."
+        ),
+    ] = False,
+    default_ignore: Annotated[
+        bool,
+        typer.Option(
+            "--default-ignore/--no-default-ignore",
+            help="Keep lm_head, MoE routers and vision towers dense unless named explicitly.",
+        ),
+    ] = True,
+    allow_unmatched: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unmatched",
+            help="Warn, instead of failing, when a --targets/--ignore entry matches no module.",
+        ),
+    ] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="HF_TOKEN", help="Hub token.", show_default=False),
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Largest output file.")
+    ] = "5GB",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the plan; write nothing.")
+    ] = False,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Threads (0: one per core, up to 4).")
+    ] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable summary on stdout.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")
+    ] = False,
 ) -> None:
     from qcli import plan as planning
     from qcli import report, source
@@ -68,23 +105,17 @@ def quantize(
         ignore=tuple(ignore or ()),
         lm_head=lm_head,
         default_ignore=default_ignore,
+        allow_unmatched=allow_unmatched,
     )
     shard_bytes = planning.parse_size(max_shard_size)
+    if dry_run:
+        # Headers only, before any download: a hub repo's weights are not fetched.
+        from qcli.cli.inspect_cmd import dry_run as show_dry_run
+
+        show_dry_run(src, out, opts, revision, token, shard_bytes, overwrite, as_json, quiet)
+        return
     src_info = source.resolve(src, revision, token)
     plan = planning.build(open_checkpoint(src_info.folder), opts)
-
-    if dry_run:
-        if as_json:
-            body = report.plan_json(plan)
-            body["dry_run"] = True
-            body["files"] = [name for name, _ in planning.shard_layout(plan, shard_bytes)]
-            report.emit_json(body)
-        if not quiet:
-            if not as_json:
-                report.console.print(report.plan_table(plan))
-            report.print_plan_summary(plan)
-            report.console.print("[dim]dry run: nothing written[/]")
-        return
 
     from qcli.convert import check_output_path, convert
 
@@ -97,6 +128,7 @@ def quantize(
             "ignore": list(opts.ignore),
             "lm_head": lm_head,
             "default_ignore": default_ignore,
+            "allow_unmatched": allow_unmatched,
             "max_shard_size": max_shard_size,
         },
     }

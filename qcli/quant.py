@@ -1,0 +1,469 @@
+"""Per-output-channel symmetric int8 / fp8 (e4m3fn) quantization primitives.
+
+Pure torch, no I/O. Every function takes and returns tensors; the math is the one
+in ``shared/format.md``:
+
+* a weight ``w`` is ``[out, in]`` (any float dtype), its scale ``s`` is ``[out, 1]``
+  in the *storage* dtype (float32, bfloat16 or float16);
+* ``s = absmax(w[row]) / qmax`` rounded to the storage dtype (and bumped up one
+  step when that rounding made it too small, see :func:`compute_scales`);
+* int8: ``q = clamp(round_half_even(w_f32 / s_f32), -qmax, qmax)``;
+* fp8:  ``q = clamp(w_f32 / s_f32, -448, 448).to(float8_e4m3fn)`` (round to nearest even);
+* dequantized weight ``w_hat = q * s``.
+
+Division, not multiplication by a reciprocal, is used everywhere: it is what
+compressed-tensors' ``quantize`` does, and the two disagree on a few values that sit
+near a rounding tie.
+
+:func:`quantize_weight` is the fast path used on real checkpoints; it is
+bit-identical to :func:`compute_scales` + :func:`quantize_int8` / :func:`quantize_fp8`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "FP8_MAX",
+    "INT8_QMAX",
+    "QuantKind",
+    "NonFiniteWeightError",
+    "compute_scales",
+    "dequantize",
+    "fp8_half_step",
+    "max_quant_error",
+    "pack_int8",
+    "quant_error_ratio",
+    "quantize_fp8",
+    "quantize_int8",
+    "quantize_weight",
+    "unpack_int8",
+]
+
+INT8_QMAX = 127
+FP8_MAX = 448.0
+
+QuantKind = Literal["int8", "fp8"]
+
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Adding 1.5 * 2**23 to a float32 |x| < 2**22 leaves a sum whose unit in the last
+# place is exactly 1, so the addition itself rounds x to an integer, half to even
+# (the IEEE default), and the integer sits in the low mantissa bits:
+# bits(_ROUND_MAGIC + k) == _ROUND_MAGIC_BITS + k. A float add and an int subtract
+# are each ~3x faster than torch.round on this CPU.
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23
+_ROUND_MAGIC_BITS = 0x4B400000
+
+
+class NonFiniteWeightError(ValueError):
+    """A weight to quantize holds NaN or +-Inf.
+
+    ``row`` is the first row holding one, ``col`` the first such column in it and
+    ``value`` the value found there (nan, inf or -inf).
+    """
+
+    def __init__(self, row: int, col: int, value: float):
+        self.row = row
+        self.col = col
+        self.value = value
+        super().__init__(f"weight has a non-finite value ({value}) in row {row}, column {col}")
+
+    @classmethod
+    def first_in(cls, w: torch.Tensor, row: int) -> NonFiniteWeightError:
+        r = w[row]
+        col = int((~torch.isfinite(r)).nonzero()[0, 0])
+        return cls(row, col, float(r[col]))
+
+
+def _default_qmax(kind: str) -> float:
+    if kind == "int8":
+        return float(INT8_QMAX)
+    if kind == "fp8":
+        return FP8_MAX
+    raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
+
+
+def _check_qmax(kind: str, qmax: float | None) -> float:
+    q = _default_qmax(kind) if qmax is None else float(qmax)
+    if kind == "int8" and not (q == int(q) and 1 <= q <= INT8_QMAX):
+        # A non-integer or >127 qmax would let round() produce 128, which wraps in int8.
+        raise ValueError(f"int8 qmax must be an integer in [1, 127], got {qmax}")
+    if kind == "fp8" and not (0 < q <= FP8_MAX):
+        raise ValueError(f"fp8 qmax must be in (0, 448], got {qmax}")
+    return q
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    if w.dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"weight dtype must be float32/bfloat16/float16, got {w.dtype}")
+
+
+def _row_absmax(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``max_j |w[i, j]|`` as float32 ``[out, 1]``; NaN/Inf propagate.
+
+    amax and amin are two fast reductions with no full-size temporary, unlike
+    ``w.abs().amax()`` (a temporary) or ``aminmax`` / ``vector_norm(inf)`` (slow on CPU).
+    Exact: the max of float values is one of them, and upcasting to float32 is exact.
+    """
+    if out is None:
+        out = torch.empty(w.shape[0], 1, dtype=torch.float32)
+    if w.shape[1] == 0:
+        return out.zero_()
+    hi = w.amax(dim=1, keepdim=True).float()
+    lo = w.amin(dim=1, keepdim=True).float()
+    return torch.maximum(hi, lo.neg_(), out=out)
+
+
+def _first_nonfinite_row(absmax: torch.Tensor) -> int | None:
+    bad = ~torch.isfinite(absmax.reshape(-1))
+    if not bool(bad.any()):
+        return None
+    return int(bad.nonzero()[0, 0])
+
+
+def _bumped_scales(
+    absmax: torch.Tensor, qmax: float, scale_dtype: torch.dtype, out: torch.Tensor
+) -> torch.Tensor:
+    """``out = RN_dtype(absmax / qmax)``, one step up where that is too small.
+
+    ``absmax`` is float32 ``[rows, 1]``. The rounded scale ``s`` is moved to
+    ``nextup_dtype(s)`` on rows where ``fl32(absmax / s) > qmax``. One step is always
+    enough: if ``s < r`` (``r`` the exact ``absmax / qmax``) and ``nextup(s) < r`` too,
+    then ``fl32(r) >= nextup(s) > s`` and ``s`` would not have been the nearest value.
+    A positive absmax whose scale underflowed to 0 gets the smallest subnormal. Zero
+    rows (0 / 0 is NaN, which fails ``<=``) also get the smallest subnormal: callers
+    replace it (:func:`_fix_zero_rows`) once they are done dividing by it.
+    NaN/Inf absmax gives a NaN/Inf scale; callers check.
+    """
+    s = (absmax / qmax).to(scale_dtype)
+    # fl32 division is monotonic in s, so checking the row maximum checks every element.
+    ok = (absmax / s.float()) <= qmax
+    up = torch.nextafter(s, torch.tensor(math.inf, dtype=scale_dtype))
+    return torch.where(ok, s, up, out=out)
+
+
+def _fix_zero_rows(scale: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    # eps, not tiny or the smallest subnormal: it is what compressed-tensors'
+    # calculate_qparams writes for an all-zero row, so qcli's output matches
+    # llm-compressor's there, and no flush-to-zero consumer can turn it into 0.
+    return scale.masked_fill_(absmax == 0, torch.finfo(scale.dtype).eps)
+
+
+def _raise_scale_overflow(scale: torch.Tensor, absmax: torch.Tensor, qmax: float) -> None:
+    over = torch.isinf(scale.reshape(-1))
+    if bool(over.any()):
+        row = int(over.nonzero()[0, 0])
+        raise ValueError(
+            f"row {row}: scale absmax/qmax = {float(absmax.reshape(-1)[row]) / qmax:.4g} "
+            f"overflows {scale.dtype}; store the scale as float32"
+        )
+
+
+def compute_scales(
+    w: torch.Tensor,
+    kind: QuantKind,
+    scale_dtype: torch.dtype,
+    qmax: float | None = None,
+) -> torch.Tensor:
+    """Per-output-channel symmetric scale, rounded to its storage dtype.
+
+    Math (per row ``i``, ``r_i = max_j |w[i, j]| / qmax`` in float32):
+    ``s_i = RN_scale_dtype(r_i)``, bumped to the next representable ``scale_dtype``
+    value when that rounding went down far enough that ``fl32(absmax_i / s_i) > qmax``.
+
+    Why the bump: q is computed from the scale *as stored*; a bf16 scale rounded
+    down by up to 2**-8 relative would put ``|w / s|`` above qmax, and the clamp in
+    ``quantize_*`` would then add its own error on top of rounding. With the bump
+    ``|fl32(w / s)| <= qmax`` for every element, the clamp never moves a value, and
+    the error is pure rounding: at most ``s / 2`` for int8, half an e4m3 step for fp8
+    (see :func:`max_quant_error`). It also keeps int8 values in ``[-qmax, qmax]``
+    without relying on the clamp.
+
+    A row of zeros gets ``torch.finfo(scale_dtype).eps`` (what compressed-tensors
+    writes, positive and finite, so dequantization gives 0, not NaN). A nonzero row
+    whose scale underflows is bumped to the smallest subnormal, which still bounds
+    ``|w / s|`` by qmax.
+
+    Args:
+        w: ``[out, in]`` float32 / bfloat16 / float16.
+        kind: ``"int8"`` (qmax default 127) or ``"fp8"`` (default 448).
+        scale_dtype: float32, bfloat16 or float16.
+        qmax: largest quantized magnitude to use (e.g. 63 to keep int8 weights
+            within +-63); integer in [1, 127] for int8, (0, 448] for fp8.
+
+    Returns:
+        ``[out, 1]`` tensor of dtype ``scale_dtype``, every entry positive and finite.
+
+    Raises:
+        NonFiniteWeightError: ``w`` holds NaN/Inf (``.row`` is the first bad row).
+        ValueError: bad arguments, or a scale overflows ``scale_dtype``.
+    """
+    _check_weight(w)
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be float32/bfloat16/float16, got {scale_dtype}")
+    q = _check_qmax(kind, qmax)
+    absmax = _row_absmax(w)
+    bad = _first_nonfinite_row(absmax)
+    if bad is not None:
+        raise NonFiniteWeightError.first_in(w, bad)
+    scale = torch.empty(absmax.shape, dtype=scale_dtype)
+    _fix_zero_rows(_bumped_scales(absmax, q, scale_dtype, out=scale), absmax)
+    _raise_scale_overflow(scale, absmax, q)
+    return scale
+
+
+def quantize_int8(w: torch.Tensor, scale: torch.Tensor, qmax: int = INT8_QMAX) -> torch.Tensor:
+    """``q = clamp(round_half_even(w_f32 / scale_f32), -qmax, qmax)`` as int8 ``[out, in]``.
+
+    Reference implementation (full-size float32 temporaries); ``scale`` is
+    ``[out, 1]`` (or anything broadcastable) in any float dtype.
+    """
+    x = w.float() / scale.float()
+    return x.round_().clamp_(-qmax, qmax).to(torch.int8)
+
+
+def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q = clamp(w_f32 / scale_f32, -448, 448).to(float8_e4m3fn)`` ``[out, in]``.
+
+    The cast rounds to nearest, ties to even. Reference implementation.
+    """
+    x = w.float() / scale.float()
+    return x.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    kind: QuantKind,
+    scale_dtype: torch.dtype,
+    qmax: float | None = None,
+    block_rows: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and quantize a whole weight, fast: ``(q, scale)``.
+
+    Same result, bit for bit, as ``s = compute_scales(w, kind, scale_dtype, qmax)``
+    followed by ``quantize_int8(w, s, qmax)`` / ``quantize_fp8(w, s)``.
+
+    Works through ``block_rows`` rows at a time in one preallocated float32 buffer
+    (``block_rows * in * 4`` bytes, sized to stay in L2) with in-place ops, writing
+    into a preallocated output: no full-size float32 temporary, peak extra memory
+    is the buffer plus the outputs. Per block:
+
+    1. upcast the rows into the buffer; absmax per row (amax, amin); scale;
+    2. ``buf /= s``;
+    3. int8: ``buf += 1.5 * 2**23`` (rounds half-even to an integer, exactly, since
+       ``|buf| <= qmax`` by construction of ``s``), the integer is then the float's
+       bit pattern minus a constant, narrowed to int8; fp8: cast the buffer.
+
+    No clamp is needed: :func:`compute_scales` guarantees ``|fl32(w / s)| <= qmax``.
+    torch ops release the GIL, so independent weights can be quantized in threads.
+
+    Args:
+        w: ``[out, in]`` float32 / bfloat16 / float16 (any strides).
+        kind: ``"int8"`` or ``"fp8"``.
+        scale_dtype: storage dtype of the scale (float32 / bfloat16 / float16).
+        qmax: as in :func:`compute_scales`.
+        block_rows: rows per block (tuning knob; results do not depend on it).
+
+    Returns:
+        ``q``: int8 or float8_e4m3fn ``[out, in]``; ``scale``: ``[out, 1]`` scale_dtype.
+
+    Raises:
+        NonFiniteWeightError: NaN/Inf in ``w``; ``.row`` is the first bad row.
+        ValueError: bad arguments or a scale overflowing ``scale_dtype``.
+    """
+    _check_weight(w)
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be float32/bfloat16/float16, got {scale_dtype}")
+    qm = _check_qmax(kind, qmax)
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    rows, cols = w.shape
+    out_dtype = torch.int8 if kind == "int8" else torch.float8_e4m3fn
+    q = torch.empty(rows, cols, dtype=out_dtype)
+    scale = torch.empty(rows, 1, dtype=scale_dtype)
+    absmax_all = torch.empty(rows, 1, dtype=torch.float32)
+    if rows == 0:
+        return q, scale
+    n_buf = min(block_rows, rows)
+    buf = torch.empty(n_buf, cols, dtype=torch.float32)
+    ibuf = buf.view(torch.int32)
+    for r0 in range(0, rows, n_buf):
+        r1 = min(r0 + n_buf, rows)
+        b = buf[: r1 - r0]
+        b.copy_(w[r0:r1])
+        absmax = _row_absmax(b, out=absmax_all[r0:r1])
+        # NaN rows give a NaN scale and garbage q; we raise after the loop, once,
+        # rather than syncing on a check for every block.
+        s = _bumped_scales(absmax, qm, scale_dtype, out=scale[r0:r1])
+        b.div_(s.float())
+        if kind == "int8":
+            b.add_(_ROUND_MAGIC)
+            ib = ibuf[: r1 - r0]
+            ib.sub_(_ROUND_MAGIC_BITS)
+            q[r0:r1].copy_(ib)
+        else:
+            q[r0:r1].copy_(b)
+    bad = _first_nonfinite_row(absmax_all)
+    if bad is not None:
+        raise NonFiniteWeightError.first_in(w, bad)
+    _raise_scale_overflow(scale, absmax_all, qm)
+    # Zero rows were divided by the smallest subnormal (q = 0 either way).
+    _fix_zero_rows(scale, absmax_all)
+    return q, scale
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``w_hat = q_f32 * scale_f32``, cast to ``dtype``.
+
+    ``q``: int8 or float8_e4m3fn ``[out, in]``; ``scale``: ``[out, 1]`` any float dtype.
+    With a bf16/fp16 scale the float32 product is exact (<= 16 significant bits), so
+    the result equals compressed-tensors' ``dequantize`` (which multiplies in the
+    scale's dtype) rounded once to ``dtype``.
+    """
+    return (q.float() * scale.float()).to(dtype)
+
+
+def fp8_half_step(v: torch.Tensor) -> torch.Tensor:
+    """Half the e4m3fn grid spacing at magnitude ``|v|``, float32, same shape.
+
+    e4m3fn has 3 mantissa bits, exponent bias 7, normals from ``2**-6``: the spacing
+    in ``[2**e, 2**(e+1))`` is ``2**(e-3)`` for ``e >= -6``; below ``2**-6``
+    (subnormals and 0) it is ``2**-9``. For ``v`` in ``[2**e, 2**(e+1))`` the spacing
+    *above* the value is returned, which is the larger of the two neighbouring gaps.
+    """
+    a = v.float().abs()
+    _, e = torch.frexp(a)  # |v| = m * 2**e with m in [0.5, 1); frexp(0) gives e = 0
+    e = torch.where(a < 2.0**-6, -5, e.clamp_(max=9))
+    # 2**(e - 5) built from its bit pattern: exact, unlike exp2/pow on some builds.
+    return ((e + (127 - 5)).to(torch.int32) << 23).view(torch.float32)
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    # Relative error of one round-to-nearest into dtype: 2**-p, p = mantissa bits + 1.
+    return torch.finfo(dtype).eps / 2
+
+
+def max_quant_error(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    kind: QuantKind,
+    dequant_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-element bound on ``|w - w_hat|`` for a weight quantized by this module.
+
+    ``w`` is the original weight, ``w_hat = dequantize(q, scale, dequant_dtype)``
+    (or any decompressor that rounds ``q * s`` once into ``dequant_dtype``).
+    Float64, broadcastable to ``q`` (``[out, 1]`` for int8, ``[out, in]`` for fp8)::
+
+        bound = s * h(q)                      rounding to the quantized grid
+              + s * (|q| + h(q)) * 2**-24     the float32 division w / s
+              + |q * s| * u(dequant_dtype)    rounding q * s into dequant_dtype
+              + smallest_subnormal(dequant_dtype)
+
+    with ``h = 1/2`` for int8 and ``h = fp8_half_step(q)`` for fp8 (half an e4m3
+    step, per format.md; taken at ``|q|``, the larger neighbouring gap, since the
+    original value is not at hand). The second and third terms are what float
+    arithmetic adds; they are ~1e-7 relative for float32 but ``2**-8`` relative for
+    a bfloat16 ``w_hat``. The bound assumes the scale came from
+    :func:`compute_scales` (no clamping); a clamped value exceeds it, as it should.
+    """
+    s = scale.double()
+    qd = q.double()
+    if kind == "int8":
+        h = torch.full_like(s, 0.5)
+        qabs = qd.abs().amax(dim=1, keepdim=True)
+    elif kind == "fp8":
+        h = fp8_half_step(q).double()
+        qabs = qd.abs()
+    else:
+        raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
+    fin = torch.finfo(dequant_dtype)
+    return (
+        s * h
+        + s * (qabs + h) * 2.0**-24
+        + qabs * s * _unit_roundoff(dequant_dtype)
+        + fin.tiny * fin.eps
+    )
+
+
+def quant_error_ratio(
+    w: torch.Tensor,
+    w_hat: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    kind: QuantKind,
+) -> torch.Tensor:
+    """Per-row ``max_j |w - w_hat| / max_quant_error``, float64 ``[out]``.
+
+    A row is within the contract iff its ratio is ``<= 1``; NaN in ``w_hat`` gives
+    NaN (which fails ``<= 1``). ``w_hat``'s dtype is taken as the dequant dtype.
+    Uses float64 temporaries the size of ``w``: callers with large weights pass
+    row blocks.
+    """
+    err = (w.double() - w_hat.double()).abs()
+    bound = max_quant_error(q, scale, kind, w_hat.dtype)
+    return (err / bound).amax(dim=1)
+
+
+def _pack_bytes_arith(u: torch.Tensor) -> torch.Tensor:
+    # Endian-independent: word = u0 | u1 << 8 | u2 << 16 | u3 << 24, wrapped to int32.
+    u = u.to(torch.int64).view(u.shape[0], -1, 4)
+    word = u[..., 0] | (u[..., 1] << 8) | (u[..., 2] << 16) | (u[..., 3] << 24)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _unpack_bytes_arith(packed: torch.Tensor) -> torch.Tensor:
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    parts = [(p >> (8 * k)) & 0xFF for k in range(4)]
+    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1).to(torch.uint8)
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """Pack int8 ``[out, in]`` into int32 ``[out, ceil(in / 4)]`` (pack-quantized, 8 bit).
+
+    ``u = q + 128`` as a byte; element ``j`` of a row goes into word ``j // 4`` at
+    bit offset ``8 * (j % 4)``; words are read as int32 (two's complement).
+    When ``in`` is not a multiple of 4 the last word is padded with zero bytes
+    (``u = 0``), exactly what compressed-tensors' ``pack_to_int32(q, 8)`` does;
+    format.md requires ``in % 4 == 0`` for vLLM, which is the caller's check.
+    """
+    if q.dtype != torch.int8 or q.ndim != 2:
+        raise ValueError(f"expected a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
+    rows, cols = q.shape
+    words = -(-cols // 4)
+    u = torch.zeros(rows, words * 4, dtype=torch.uint8)
+    # q + 128 mod 256 is flipping the sign bit of the two's complement byte.
+    torch.bitwise_xor(q.view(torch.uint8), 0x80, out=u[:, :cols])
+    if sys.byteorder == "little":
+        return u.view(torch.int32)
+    return _pack_bytes_arith(u)
+
+
+def unpack_int8(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`pack_int8`: int32 ``[out, ceil(in / 4)]`` -> int8 ``shape``.
+
+    Padding bytes past ``in`` are ignored, as in compressed-tensors'
+    ``unpack_from_int32(packed, 8, shape)``.
+    """
+    rows, cols = (int(d) for d in shape)
+    if packed.dtype != torch.int32 or packed.ndim != 2:
+        raise ValueError(f"expected a 2-D int32 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[0] != rows or packed.shape[1] != -(-cols // 4):
+        raise ValueError(
+            f"packed shape {tuple(packed.shape)} does not match weight shape {(rows, cols)}"
+        )
+    if sys.byteorder == "little":
+        u = packed.contiguous().view(torch.uint8)
+    else:
+        u = _unpack_bytes_arith(packed)
+    return torch.bitwise_xor(u[:, :cols], 0x80).view(torch.int8)
