@@ -2,14 +2,13 @@
 
 torch takes seconds to import and compressed-tensors several more; a CLI that pulls them in
 for `--help` or `inspect` feels broken. Each check runs a fresh interpreter, the way a user
-runs qcli, and looks at what it imported and how long it took.
+runs qcli, and looks at what it imported; benchmarks/ times it.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -27,21 +26,18 @@ print(code, loaded, extra, file=sys.stderr)
 """
 
 
-def _probe(*args: str) -> tuple[float, str]:
-    t0 = time.perf_counter()
+def _probe(*args: str) -> tuple[None, str]:
     r = subprocess.run(
         [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=60
     )
-    seconds = time.perf_counter() - t0
-    return seconds, r.stderr.strip().splitlines()[-1]
+    return None, r.stderr.strip().splitlines()[-1]
 
 
-def test_help_is_fast_and_light() -> None:
-    # Best of three: the machine may be busy; the best run is what the code costs.
-    runs = [_probe("--help") for _ in range(3)]
-    best = min(s for s, _ in runs)
-    assert runs[0][1] == "0 [] []", runs[0][1]  # no torch, hub client, rich markdown, plan
-    assert best < 0.5, f"qcli --help took {best:.2f} s"
+def test_help_is_light() -> None:
+    # What --help imports decides its speed; the time itself is measured in benchmarks/
+    # (never in a unit test: a busy machine would make it flaky).
+    _, line = _probe("--help")
+    assert line == "0 [] []", line  # no torch, hub client, rich markdown, plan
 
 
 @pytest.mark.parametrize("command", ["inspect", "quantize", "verify"])
