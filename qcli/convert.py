@@ -64,13 +64,16 @@ def default_workers() -> int:
 
 
 def check_output_path(plan: Plan, out: Path, overwrite: bool) -> None:
-    src = plan.checkpoint.folder.resolve()
-    dst = out.resolve()
+    try:
+        src = plan.checkpoint.folder.resolve()
+        dst = out.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise OutputError(f"cannot resolve {out}: {e}") from None
     if dst == src or src in dst.parents:
         raise InputError(f"output {out} is inside the source checkpoint {src}")
     if dst in src.parents:
         raise InputError(f"output {out} contains the source checkpoint {src}")
-    if out.exists() and not overwrite:
+    if _exists(out) and not overwrite:
         raise OutputError(f"{out} already exists (use --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder")
@@ -96,7 +99,11 @@ def _remove_stale_temps(out: Path) -> None:
     loss) before they could clean up: the caller holds OUT's lock, so none of them is live."""
     prefix = f".{out.name}.qcli-tmp-"
     try:
-        stale = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+        stale = [
+            p
+            for p in out.parent.iterdir()
+            if p.name.startswith(prefix) and p.name[len(prefix) :].isdigit()
+        ]
     except OSError:
         return
     for p in stale:
@@ -161,7 +168,9 @@ def convert(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create {out.parent}: {e.strerror}") from None
+        in_the_way = isinstance(e, (FileExistsError, NotADirectoryError))
+        why = "a file is in the way" if in_the_way else e.strerror
+        raise OutputError(f"cannot create {out.parent}: {why}") from None
     t0 = time.perf_counter()
     try:
         with _locked(out):
@@ -196,17 +205,31 @@ def convert(
 
 
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
-    try:
-        if out.exists() and overwrite:
-            old = out.parent / f".{out.name}.qcli-old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(out.parent)
-    except OSError as e:
-        raise OutputError(f"cannot move the result into {out}: {e.strerror}") from None
+    # No signal may land between the two renames: OUT would be gone and the result deleted.
+    with _signals_held():
+        try:
+            if overwrite and _exists(out):
+                old = out.parent / f".{out.name}.qcli-old-{os.getpid()}"
+                os.rename(out, old)
+                try:
+                    os.rename(tmp, out)
+                except OSError:
+                    os.rename(old, out)  # put the previous result back
+                    raise
+                if old.is_symlink():  # OUT was a link: drop the link, never its target's files
+                    old.unlink()
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+            _fsync_dir(out.parent)
+        except OSError as e:
+            raise OutputError(f"cannot move the result into {out}: {e.strerror}") from None
+
+
+def _exists(path: Path) -> bool:
+    """Whether anything, even a dangling symlink, is at `path`."""
+    return path.exists() or path.is_symlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -345,7 +368,8 @@ def _quantize_block(
     w = read_rows(info, fd, r0, r1)
     scale_dtype = _torch_dtype(tp.outputs[1].dtype)
     try:
-        q, scale = quant.quantize_weight(w, scheme.kind, scale_dtype)
+        qmax = plan.options.int8_max if scheme.kind == "int8" else None
+        q, scale = quant.quantize_weight(w, scheme.kind, scale_dtype, qmax=qmax)
     except quant.NonFiniteWeightError as e:
         raise InputError(
             f"tensor {tp.source!r} holds a non-finite value ({e.value}) in row {r0 + e.row};"

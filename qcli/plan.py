@@ -52,6 +52,10 @@ class Options:
     # An entry that matches nothing is almost always a typo that would silently quantize (or
     # keep) the wrong layers, so it stops the run unless the user opts out.
     allow_unmatched: bool = False
+    # Largest int8 magnitude written. 127 is full range; 63 keeps every pairwise u8*s8 sum
+    # inside int16, so oneDNN's int8 GEMM on x86 CPUs without VNNI (vLLM's CPU W8A8 kernel)
+    # cannot saturate, at the cost of one bit of weight precision.
+    int8_max: int = 127
 
 
 @dataclass
@@ -147,6 +151,10 @@ def build(ck: Checkpoint, opts: Options) -> Plan:
     rules.validate(list(opts.targets) + list(opts.ignore))
     if not opts.targets:
         raise InputError("no --targets given")
+    if opts.int8_max != 127 and (opts.scheme.kind != "int8" or not 1 <= opts.int8_max <= 127):
+        raise InputError(
+            f"--int8-max {opts.int8_max}: takes 1..127, and only with int8 schemes (W8A8, W8A16)"
+        )
     refuse_quantized(ck)
     config = ck.config or {}
     shapes = {n: (t.dtype, t.shape) for n, t in ck.tensors.items()}

@@ -134,3 +134,16 @@ def test_cli_json_and_exit_codes(tmp_path: Path, capsys) -> None:
         "Traceback" not in err and "unknown scheme" in err and "invalid regular expression" in err
     )
     assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+
+
+def test_int8_max_keeps_weights_in_range(tmp_path: Path) -> None:
+    opts = planning.Options(scheme=get_scheme("W8A8"), lm_head=True, int8_max=63)
+    convert_mod.convert(planning.build(open_checkpoint(EXAMPLE), opts), tmp_path / "o", sync=False)
+    src, got = _tensors(EXAMPLE), _tensors(tmp_path / "o")
+    w = src["model.layers.0.mlp.down_proj.weight"]
+    q = got["model.layers.0.mlp.down_proj.weight"]
+    assert q.abs().max().item() == 63
+    scale = quant.compute_scales(w, "int8", w.dtype, qmax=63)
+    assert torch.equal(q, quant.quantize_int8(w, scale, qmax=63))
+    with pytest.raises(InputError, match="int8-max"):
+        planning.build(open_checkpoint(EXAMPLE), planning.Options(scheme=get_scheme("FP8"), int8_max=63))

@@ -68,6 +68,14 @@ def quantize(
             help="Warn, instead of failing, when a --targets/--ignore entry matches no module.",
         ),
     ] = False,
+    int8_max: Annotated[
+        int,
+        typer.Option(
+            "--int8-max",
+            help="Largest int8 weight magnitude (1..127). 63 makes W8A8 exact on x86 CPUs"
+            " without VNNI, whose int8 GEMM saturates on full-range weights.",
+        ),
+    ] = 127,
     revision: Annotated[
         str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
     ] = None,
@@ -96,6 +104,7 @@ def quantize(
 ) -> None:
     from qcli import plan as planning
     from qcli import report, source
+    from qcli.errors import InputError
     from qcli.schemes import get_scheme
     from qcli.tensors import open_checkpoint
 
@@ -106,8 +115,11 @@ def quantize(
         lm_head=lm_head,
         default_ignore=default_ignore,
         allow_unmatched=allow_unmatched,
+        int8_max=int8_max,
     )
     shard_bytes = planning.parse_size(max_shard_size)
+    if workers < 0:
+        raise InputError(f"--workers must be 0 (one per core) or more, not {workers}")
     if dry_run:
         # Headers only, before any download: a hub repo's weights are not fetched.
         from qcli.cli.inspect_cmd import dry_run as show_dry_run
@@ -129,6 +141,7 @@ def quantize(
             "lm_head": lm_head,
             "default_ignore": default_ignore,
             "allow_unmatched": allow_unmatched,
+            "int8_max": int8_max,
             "max_shard_size": max_shard_size,
         },
     }
