@@ -988,7 +988,11 @@ def _check_lm_head(
             "lm_head.scheme",
             _subject(name, tensors),
             f"quantized as {vllm_group.scheme.name} (fp8 weight-only)",
-            "current vLLM crashes loading an fp8 weight-only lm_head (use FP8_DYNAMIC)",
+            "current vLLM crashes loading an fp8 weight-only lm_head (use FP8_DYNAMIC);"
+            " transformers loads it",
+            # A valid compressed-tensors checkpoint that one loader cannot serve: worth saying
+            # loudly, not a broken checkpoint (quantize warns about it too).
+            WARNING,
         )
     elif on_disk == "dense" and in_vllm and not in_ct:
         result.add(

@@ -91,7 +91,8 @@ def _signals_held() -> Iterator[None]:
         yield
     finally:
         for sig, handler in saved.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python, which cannot be put back
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _remove_stale_temps(out: Path) -> None:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,7 +105,10 @@ def natural_key(name: str) -> tuple:
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     """Parse and validate one safetensors file's header; returns (__metadata__, tensors)."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open forever
+            raise CheckpointError(f"{path.name}: not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             hlen = header_length(path.name, f.read(8), size)
             raw = f.read(hlen)
@@ -188,6 +192,8 @@ def _tensor_entry(
 
 
 def _load_json(path: Path, what: str) -> Any:
+    if path.exists() and not path.is_file():  # a folder, or a FIFO that would block forever
+        raise CheckpointError(f"{path.name}: not a regular file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -260,6 +266,11 @@ def open_checkpoint(
         wmap = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
             raise CheckpointError(f"{INDEX_NAME}: no valid weight_map")
+        for v in wmap.values():
+            # a plain file name in this folder: never a path out of it ("../", "/etc/..."),
+            # which a stranger's index could use to make qcli read any file
+            if Path(v).name != v or v in (".", ".."):
+                raise CheckpointError(f"{INDEX_NAME} names shard {v!r}, not a file name")
         files = sorted({folder / v for v in wmap.values()}, key=lambda p: natural_key(p.name))
         headers = {}
         for f in files:

@@ -165,7 +165,9 @@ def test_fp8_weight_only_lm_head_is_flagged(tmp_path: Path) -> None:
     assert (
         main(["quantize", str(EXAMPLE), str(out), "--scheme", "FP8", "--lm-head", "--quiet"]) == 0
     )
-    assert _checks(out) == {"lm_head.scheme"}
+    # a warning, not an error: transformers loads it, current vLLM cannot
+    assert _checks(out) == set()
+    assert _checks(out, contract.WARNING) == {"lm_head.scheme"}
 
 
 def test_weight_shape_read_from_raw_bytes(tmp_path: Path) -> None:

@@ -70,9 +70,13 @@ def _error(message: str) -> None:
 
     from qcli import report  # imported only when needed: rich's console costs --help ~25 ms
 
-    # Messages quote user input (regexes, tensor names from a stranger's checkpoint): a "[/x]"
-    # in them must print as is, not be read as rich markup (which raised a MarkupError here).
-    report.error(escape(message))
+    # Messages quote user input (regexes, tensor and file names from a stranger's checkpoint):
+    # a "[/x]" in them must print as is, not be read as rich markup (which raised a
+    # MarkupError here), and a newline or other control character must not break the one line.
+    one_line = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message
+    )
+    report.error(escape(one_line))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     finally:  # in-process callers (tests) get their own handlers back
         for sig, handler in saved.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python, which cannot be put back
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -94,7 +99,13 @@ def _main(argv: list[str] | None) -> int:
     except typer.Exit as e:
         code = e.exit_code
     except ClickException as e:  # usage errors: bad option, missing argument
-        e.show()
+        # one line like every other error (click's own display adds a usage block)
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `qcli`: its message is the help
+            e.show()
+        else:
+            hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+            _error(e.format_message() + hint)
         code = e.exit_code if e.exit_code else EXIT_BAD_INPUT
         reported = True
     except (KeyboardInterrupt, typer.Abort):

@@ -30,10 +30,9 @@ def test_every_output_verifies(models, tmp_path: Path, capsys, model, scheme, lm
     assert main(args + (["--lm-head"] if lm_head else [])) == 0
     code, body = _verify(capsys, out, "--reference", str(src))
     errors = [f for f in body["findings"] if f["severity"] == "error"]
-    if scheme == "FP8" and lm_head:  # vLLM crashes on an fp8 weight-only lm_head
-        assert code == 1 and [f["check"] for f in errors] == ["lm_head.scheme"]
-        assert all(x["ok"] for x in body["layers"])
-        return
+    if scheme == "FP8" and lm_head:  # vLLM crashes on an fp8 weight-only lm_head: a warning
+        warned = [f["check"] for f in body["findings"] if f["severity"] == "warning"]
+        assert "lm_head.scheme" in warned
     assert code == 0, (errors, body["summary"])
     assert (body["lm_head"] is not None) == lm_head
     if lm_head and model == "qwen2":
