@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from qcli.contract import Contract
     from qcli.plan import Plan, TensorPlan
 
 # People read stderr; stdout carries only JSON, so `qcli ... --json | jq` always works.
@@ -286,3 +287,28 @@ class byte_progress:  # noqa: N801  (used as a context manager, reads like a fun
         if self._progress is not None:
             self._progress.__exit__(*exc)
         return False
+
+
+def findings_table(contract: Contract) -> Table | None:
+    """The contract findings, errors first, each with what a loader will do; None if none."""
+    from rich import box
+    from rich.markup import escape
+
+    from qcli.contract import sorted_findings
+
+    found = sorted_findings(contract.findings)
+    if not found:
+        return None
+    errors = len(contract.errors)
+    table = Table(
+        title=f"Contract: {errors} error(s), {len(found) - errors} warning(s)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for col in ("", "subject", "problem", "what a loader does"):
+        table.add_column(col)
+    for f in found:
+        mark = "[red]error[/]" if f.severity == "error" else "[yellow]warning[/]"
+        table.add_row(mark, escape(f.subject), escape(f.problem), escape(f.consequence))
+    return table

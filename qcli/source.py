@@ -61,34 +61,15 @@ def resolve(spec: str, revision: str | None = None, token: str | None = None) ->
 
 def _download(repo_id: str, revision: str | None, token: str | None) -> Source:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+
+    from qcli.hub import hub_errors
 
     try:
-        folder = snapshot_download(
-            repo_id, revision=revision, token=token, allow_patterns=ALLOW_PATTERNS
-        )
-    except GatedRepoError:
-        raise InputError(f"{repo_id}: gated repo; accept its terms and pass --token") from None
-    except RepositoryNotFoundError:
-        raise InputError(
-            f"{repo_id}: no such repo on the hub (or it is private: --token)"
-        ) from None
-    except RevisionNotFoundError:
-        raise InputError(f"{repo_id}: no revision {revision!r}") from None
-    except LocalEntryNotFoundError:
-        raise InputError(
-            f"{repo_id}: not in the local cache and the hub cannot be reached"
-            " (offline: HF_HUB_OFFLINE=1, or no network)"
-        ) from None
-    except HfHubHTTPError as e:
-        raise InputError(f"{repo_id}: hub request failed ({str(e).splitlines()[0]})") from None
-    except (OSError, ValueError) as e:
+        with hub_errors(repo_id, revision):
+            folder = snapshot_download(
+                repo_id, revision=revision, token=token, allow_patterns=ALLOW_PATTERNS
+            )
+    except ValueError as e:  # HFValidationError: a malformed repo id or revision
         raise InputError(f"{repo_id}: cannot fetch ({str(e).splitlines()[0]})") from None
     path = Path(folder)
     # snapshot folders are named by commit hash: that is the exact revision read.

@@ -146,4 +146,6 @@ def test_int8_max_keeps_weights_in_range(tmp_path: Path) -> None:
     scale = quant.compute_scales(w, "int8", w.dtype, qmax=63)
     assert torch.equal(q, quant.quantize_int8(w, scale, qmax=63))
     with pytest.raises(InputError, match="int8-max"):
-        planning.build(open_checkpoint(EXAMPLE), planning.Options(scheme=get_scheme("FP8"), int8_max=63))
+        planning.build(
+            open_checkpoint(EXAMPLE), planning.Options(scheme=get_scheme("FP8"), int8_max=63)
+        )

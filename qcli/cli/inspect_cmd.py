@@ -314,24 +314,12 @@ def _render_quantization(s: Summary) -> None:
     if q.contract is None:
         console.print(f"[dim]contract checks {escape(q.contract_error or '')}[/]", soft_wrap=True)
         return
-    from qcli.contract import sorted_findings
+    from qcli.report import findings_table
 
-    found = sorted_findings(q.contract.findings)
-    if not found:
+    table = findings_table(q.contract)
+    if table is None:
         console.print("contract: [green]ok[/] (every verify check that needs no numbers passed)")
         return
-    errors = len(q.contract.errors)
-    table = Table(
-        title=f"Contract: {errors} error(s), {len(found) - errors} warning(s)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    for col in ("", "subject", "problem", "what a loader does"):
-        table.add_column(col)
-    for f in found:
-        mark = "[red]error[/]" if f.severity == "error" else "[yellow]warning[/]"
-        table.add_row(mark, escape(f.subject), escape(f.problem), escape(f.consequence))
     console.print(table)
 
 

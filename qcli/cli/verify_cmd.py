@@ -176,10 +176,8 @@ def _fmt(v: float, spec: str) -> str:
 
 def _render(r: Report, show_all: bool) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
-    from qcli.contract import sorted_findings
-    from qcli.report import console
+    from qcli.report import console, findings_table
 
     if r.reference is not None:
         console.print(
@@ -188,18 +186,8 @@ def _render(r: Report, show_all: bool) -> None:
     elif r.reference_note:
         console.print(f"[dim]reference: {escape(r.reference_note)}[/]", soft_wrap=True)
 
-    found = sorted_findings(r.contract.findings)
-    if found:
-        errors = len(r.contract.errors)
-        table = Table(
-            title=f"Contract: {errors} error(s), {len(found) - errors} warning(s)",
-            title_justify="left",
-        )
-        for col in ("", "subject", "problem", "what a loader does"):
-            table.add_column(col)
-        for f in found:
-            mark = "[red]error[/]" if f.severity == "error" else "[yellow]warning[/]"
-            table.add_row(mark, escape(f.subject), escape(f.problem), escape(f.consequence))
+    table = findings_table(r.contract)
+    if table is not None:
         console.print(table)
     else:
         console.print("contract: [green]ok[/]")
