@@ -42,17 +42,32 @@ import torch
 PRESETS = {
     # head_dim 64: vLLM's CPU attention accepts it; 2 shards to exercise the index path.
     "tiny": dict(
-        hidden=256, intermediate=512, vocab=1024, layers=2, heads=4, kv_heads=2,
+        hidden=256,
+        intermediate=512,
+        vocab=1024,
+        layers=2,
+        heads=4,
+        kv_heads=2,
         shard_bytes=2 * 10**6,
     ),
     # Llama-3.2-1B body (hidden 2048, inter 8192, 16 layers) with a 32000 vocab.
     "2g": dict(
-        hidden=2048, intermediate=8192, vocab=32000, layers=16, heads=16, kv_heads=8,
+        hidden=2048,
+        intermediate=8192,
+        vocab=32000,
+        layers=16,
+        heads=16,
+        kv_heads=8,
         shard_bytes=2 * 10**9,
     ),
     # Mistral-7B / Llama-3-8B layer shapes, 32000 vocab, 15 of the 32 layers.
     "7g": dict(
-        hidden=4096, intermediate=14336, vocab=32000, layers=15, heads=32, kv_heads=8,
+        hidden=4096,
+        intermediate=14336,
+        vocab=32000,
+        layers=15,
+        heads=32,
+        kv_heads=8,
         shard_bytes=2 * 10**9,
     ),
 }
@@ -210,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     real = os.path.realpath(a.out)
     here = os.path.realpath(os.path.join(os.path.dirname(__file__), ".."))
     if a.preset != "tiny" and (real + os.sep).startswith(here + os.sep):
-        print(f"refusing to write a {total / 1e9:.1f} GB checkpoint inside the repo", file=sys.stderr)
+        print(
+            f"refusing to write a {total / 1e9:.1f} GB checkpoint inside the repo", file=sys.stderr
+        )
         return 2
     if os.path.exists(a.out):
         if not a.force:
@@ -228,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         fname = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
         write_shard(os.path.join(tmp, fname), tensors, a.seed, a.fsync)
         weight_map.update({name: fname for name, _ in tensors})
-        print(f"  {fname}: {len(tensors)} tensors, {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        print(
+            f"  {fname}: {len(tensors)} tensors, {time.perf_counter() - t0:.1f}s", file=sys.stderr
+        )
     if n > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -23,7 +23,9 @@ def main() -> int:
     ap.add_argument("src")
     ap.add_argument("out")
     ap.add_argument("--scheme", default="W8A8")
-    ap.add_argument("--ignore", action="append", help="repeatable; default: lm_head, model.embed_tokens")
+    ap.add_argument(
+        "--ignore", action="append", help="repeatable; default: lm_head, model.embed_tokens"
+    )
     ap.add_argument("--max-workers", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overwrite", action="store_true")

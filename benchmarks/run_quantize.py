@@ -52,7 +52,9 @@ SIMD = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnn
 
 def sh(cmd: str) -> str:
     try:
-        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30).stdout.strip()
+        return subprocess.run(
+            cmd, shell=True, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except Exception:
         return ""
 
@@ -72,7 +74,8 @@ def machine_info(work: str) -> dict:
         "python": platform.python_version(),
         "work_fs": sh(f"df -h --output=source,fstype,size,avail {shlex.quote(work)} | tail -1"),
         "qcli": sh("qcli --version 2>/dev/null || pip show qcli 2>/dev/null | grep -i ^version"),
-        "qcli_git": sh(f"git -C {shlex.quote(HERE)} rev-parse --short HEAD 2>/dev/null"),
+        "qcli_git": sh(f"git -C {shlex.quote(HERE)} rev-parse --short HEAD 2>/dev/null")
+        + ("+dirty" if sh(f"git -C {shlex.quote(HERE)} status --porcelain -- ../qcli") else ""),
         "loadavg": open("/proc/loadavg").read().split()[:3],
     }
 
@@ -123,22 +126,42 @@ def parse_time_v(text: str) -> dict:
     }
 
 
-def run_one(name: str, template: str, src: str, out: str, scheme: str, sync: str,
-            cache: str, log_dir: str, idx: int) -> dict:
+def run_one(
+    name: str,
+    template: str,
+    src: str,
+    out: str,
+    scheme: str,
+    sync: str,
+    cache: str,
+    log_dir: str,
+    idx: int,
+) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     prepare_cache(cache, src)
     cmd = template.format(src=shlex.quote(src), out=shlex.quote(out), scheme=scheme)
-    full = f"{cmd} && sync" if sync == "all" else f"{cmd} && find {shlex.quote(out)} -type f -exec sync {{}} +"
+    full = (
+        f"{cmd} && sync"
+        if sync == "all"
+        else f"{cmd} && find {shlex.quote(out)} -type f -exec sync {{}} +"
+    )
     stem = f"{idx:03d}-" + re.sub(r"\W+", "_", f"{name}-{scheme}")
     tfile = os.path.join(log_dir, stem + ".time")
     efile = os.path.join(log_dir, stem + ".log")
     t0 = time.perf_counter()
     with open(efile, "w") as err:
-        p = subprocess.run([GNU_TIME, "-v", "-o", tfile, "bash", "-c", full],
-                           stdout=err, stderr=subprocess.STDOUT)
+        p = subprocess.run(
+            [GNU_TIME, "-v", "-o", tfile, "bash", "-c", full], stdout=err, stderr=subprocess.STDOUT
+        )
     wall = time.perf_counter() - t0
-    rec = {"name": name, "scheme": scheme, "cmd": full, "rc": p.returncode, "wall_s": wall,
-           "out_bytes": dir_bytes(out) if os.path.isdir(out) else 0}
+    rec = {
+        "name": name,
+        "scheme": scheme,
+        "cmd": full,
+        "rc": p.returncode,
+        "wall_s": wall,
+        "out_bytes": dir_bytes(out) if os.path.isdir(out) else 0,
+    }
     rec.update(parse_time_v(open(tfile).read()))
     shutil.rmtree(out, ignore_errors=True)
     if p.returncode != 0:
@@ -169,22 +192,33 @@ def summarize(runs: list[dict], src_bytes: int) -> list[dict]:
         rss = [r["max_rss_kib"] / 2**20 for r in ok]
         m = med(walls)
         return {
-            "command": name, "scheme": scheme, "runs": len(ok), "failed": len(rs) - len(ok),
-            "wall_median_s": m, "wall_min_s": min(walls, default=float("nan")),
+            "command": name,
+            "scheme": scheme,
+            "runs": len(ok),
+            "failed": len(rs) - len(ok),
+            "wall_median_s": m,
+            "wall_min_s": min(walls, default=float("nan")),
             "wall_max_s": max(walls, default=float("nan")),
             "ratio_vs_cp": (m / med(base)) if base else None,
             "ratio_pairs_median": med(ratios) if ratios else None,
-            "rss_median_gib": med(rss), "rss_max_gib": max(rss, default=float("nan")),
+            "rss_median_gib": med(rss),
+            "rss_max_gib": max(rss, default=float("nan")),
             "user_s_median": med([r["user_s"] for r in ok]),
             "sys_s_median": med([r["sys_s"] for r in ok]),
             "out_gb": (ok[0]["out_bytes"] / 1e9) if ok else float("nan"),
             "input_gb_per_s": (src_bytes / 1e9 / m) if walls else float("nan"),
         }
 
-    rows.append(row("cp -r + sync", "-", cp_all, [r["wall_s"] for r in cp_all], [1.0] * len(cp_all)))
+    rows.append(
+        row("cp -r + sync", "-", cp_all, [r["wall_s"] for r in cp_all], [1.0] * len(cp_all))
+    )
     for name, scheme in keys:
         rs = [r for r in runs if r["name"] == name and r["scheme"] == scheme]
-        base = [r for r in runs if r["name"] == "cp" and r.get("pair_of") == (name, scheme) and r["rc"] == 0]
+        base = [
+            r
+            for r in runs
+            if r["name"] == "cp" and r.get("pair_of") == (name, scheme) and r["rc"] == 0
+        ]
         ratios = []
         for r in rs:
             b = next((c for c in base if c["round"] == r["round"]), None)
@@ -206,15 +240,17 @@ def markdown(info: dict, args, src_bytes: int, rows: list[dict]) -> str:
         f"{args.pairs} pair(s) per command, cache {args.cache_used}, sync {args.sync}",
         "",
         f"{info['date']} · {info['cpu_model']} ({info['simd']}) · {info['cpus']} CPUs · "
-        f"{info['mem_gib']} GiB RAM · load {' '.join(info['loadavg'])} · {info['work_fs']}",
+        f"{info['mem_gib']} GiB RAM · load {' '.join(info['loadavg'])} · {info['work_fs']} · "
+        f"{info['qcli']} ({info['qcli_git']})",
         "",
         "| command | scheme | runs | wall median s (min-max) | x cp (medians) | x cp (pairs) "
         "| peak RSS GiB median (max) | out GB | in GB/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        failed = f"+{r['failed']} failed" if r["failed"] else ""
         lines.append(
-            f"| {r['command']} | {r['scheme']} | {r['runs']}{'+%d failed' % r['failed'] if r['failed'] else ''} "
+            f"| {r['command']} | {r['scheme']} | {r['runs']}{failed} "
             f"| {fmt(r['wall_median_s'])} ({fmt(r['wall_min_s'])}-{fmt(r['wall_max_s'])}) "
             f"| {fmt(r['ratio_vs_cp'])} | {fmt(r['ratio_pairs_median'])} "
             f"| {fmt(r['rss_median_gib'], 3)} ({fmt(r['rss_max_gib'], 3)}) "
@@ -227,20 +263,40 @@ def markdown(info: dict, args, src_bytes: int, rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("src", help="checkpoint folder (benchmarks/make_checkpoint.py)")
     ap.add_argument("--scheme", action="append", help="repeatable; default W8A8")
-    ap.add_argument("--pairs", type=int, default=3, help="rounds of (cp, candidate); >= 3 for medians")
-    ap.add_argument("--work", default="/root/bench/work", help="where outputs go (same fs as SRC is fairest)")
+    ap.add_argument(
+        "--pairs", type=int, default=3, help="rounds of (cp, candidate); >= 3 for medians"
+    )
+    ap.add_argument(
+        "--work", default="/root/bench/work", help="where outputs go (same fs as SRC is fairest)"
+    )
     ap.add_argument("--no-qcli", action="store_true", help="do not run qcli quantize")
     ap.add_argument("--qcli-cmd", default=QCLI, help=f"template, default: {QCLI!r}")
-    ap.add_argument("--extra", action="append", default=[], metavar="NAME=TEMPLATE",
-                    help="another command to compare, e.g. the peer (repeatable)")
-    ap.add_argument("--cache", choices=["auto", "drop", "warm", "none"], default="auto",
-                    help="page cache before each run; auto: drop when writable, else warm")
-    ap.add_argument("--sync", choices=["all", "files"], default="all",
-                    help="all: plain `sync` after each command; files: fsync only the output files")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=TEMPLATE",
+        help="another command to compare, e.g. the peer (repeatable)",
+    )
+    ap.add_argument(
+        "--cache",
+        choices=["auto", "drop", "warm", "none"],
+        default="auto",
+        help="page cache before each run; auto: drop when writable, else warm",
+    )
+    ap.add_argument(
+        "--sync",
+        choices=["all", "files"],
+        default="all",
+        help="all: plain `sync` after each command; files: fsync only the output files",
+    )
     ap.add_argument("--results", help="write STEM.md and STEM.json")
     args = ap.parse_args(argv)
     schemes = args.scheme or ["W8A8"]
@@ -284,15 +340,26 @@ def main(argv=None) -> int:
             for which, t in (("cp", CP), (name, tpl)):
                 idx += 1
                 out = os.path.join(args.work, "out-" + re.sub(r"\W+", "_", which))
-                r = run_one(which if which == "cp" else name, t, src, out, scheme, args.sync,
-                            cache, log_dir, idx)
+                r = run_one(
+                    which if which == "cp" else name,
+                    t,
+                    src,
+                    out,
+                    scheme,
+                    args.sync,
+                    cache,
+                    log_dir,
+                    idx,
+                )
                 r["round"] = rnd
                 if which == "cp":
                     r["pair_of"] = (name, scheme)
                 runs.append(r)
-                print(f"  round {rnd + 1}/{args.pairs} {r['name']:<16} {scheme:<12} "
-                      f"{r['wall_s']:7.2f}s  rss {r['max_rss_kib'] / 2**20:6.3f} GiB  rc {r['rc']}",
-                      file=sys.stderr)
+                print(
+                    f"  round {rnd + 1}/{args.pairs} {r['name']:<16} {scheme:<12} "
+                    f"{r['wall_s']:7.2f}s  rss {r['max_rss_kib'] / 2**20:6.3f} GiB  rc {r['rc']}",
+                    file=sys.stderr,
+                )
 
     rows = summarize(runs, src_bytes)
     md = markdown(info, args, src_bytes, rows)
@@ -302,10 +369,23 @@ def main(argv=None) -> int:
         with open(args.results + ".md", "w") as f:
             f.write(md)
         with open(args.results + ".json", "w") as f:
-            json.dump({"machine": info, "src": src, "src_bytes": src_bytes, "cache": cache,
-                       "sync": args.sync, "pairs": args.pairs, "summary": rows,
-                       "runs": [{**r, "pair_of": list(r["pair_of"]) if "pair_of" in r else None}
-                                for r in runs]}, f, indent=1)
+            json.dump(
+                {
+                    "machine": info,
+                    "src": src,
+                    "src_bytes": src_bytes,
+                    "cache": cache,
+                    "sync": args.sync,
+                    "pairs": args.pairs,
+                    "summary": rows,
+                    "runs": [
+                        {**r, "pair_of": list(r["pair_of"]) if "pair_of" in r else None}
+                        for r in runs
+                    ],
+                },
+                f,
+                indent=1,
+            )
         print(f"wrote {args.results}.md and .json", file=sys.stderr)
     return 0 if all(r["rc"] == 0 for r in runs) else 1
 
