@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Annotated
 
 import typer
 
@@ -32,6 +33,15 @@ app = typer.Typer(
 )
 
 EXIT_INTERNAL = 4
+
+# Options every command that reads the hub takes, spelled once.
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="HF_TOKEN", help="Hub token.", show_default=False),
+]
 
 
 def _version(value: bool) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from qcli.cli.app import app
+from qcli.cli.app import RevisionOpt, TokenOpt, app
 
 if TYPE_CHECKING:
     from qcli.inspect import Summary
@@ -69,13 +69,8 @@ def inspect_command(
             "--allow-unmatched", help="As in quantize: warn when an entry matches no module."
         ),
     ] = False,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option("--token", envvar="HF_TOKEN", help="Hub token.", show_default=False),
-    ] = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
     show_all: Annotated[
         bool, typer.Option("--all", "-a", help="Every tensor, one row each.")
     ] = False,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from qcli.cli.app import app
+from qcli.cli.app import RevisionOpt, TokenOpt, app
 
 _EXAMPLES = """
 
@@ -76,13 +76,8 @@ def quantize(
             " without VNNI, whose int8 GEMM saturates on full-range weights.",
         ),
     ] = 127,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option("--token", envvar="HF_TOKEN", help="Hub token.", show_default=False),
-    ] = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", help="Largest output file.")
     ] = "5GB",

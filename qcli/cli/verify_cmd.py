@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from qcli.cli.app import app
+from qcli.cli.app import TokenOpt, app
 
 if TYPE_CHECKING:
     from qcli.verify import LayerResult, Report
@@ -82,10 +82,7 @@ def verify_command(
             "--e2e", help="Also run both models in transformers: logits KL and top-1 agreement."
         ),
     ] = False,
-    token: Annotated[
-        str | None,
-        typer.Option("--token", envvar="HF_TOKEN", help="Hub token.", show_default=False),
-    ] = None,
+    token: TokenOpt = None,
     show_all: Annotated[bool, typer.Option("--all", "-a", help="Show every layer.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Every layer's numbers and every finding on stdout.")
