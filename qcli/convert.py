@@ -33,7 +33,6 @@ from qcli.tensors import (
     DTYPES,
     INDEX_NAME,
     ShardWriter,
-    Slot,
     TensorInfo,
     index_json,
 )
@@ -501,6 +500,3 @@ def _write_metadata(
                 os.fsync(fd)
             finally:
                 os.close(fd)
-
-
-__all__ = ["Result", "convert", "check_output_path", "Slot"]
