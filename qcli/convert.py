@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -38,6 +39,8 @@ from qcli.tensors import (
 )
 
 PROVENANCE_NAME = "qcli_provenance.json"
+MODEL_CARD_NAME = "README.md"
+MODEL_CARD_MARK = "<!-- qcli model card -->"
 # Source files that are weights (re-written, never copied) or qcli's own artifacts.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", PROVENANCE_NAME}
@@ -77,6 +80,57 @@ def check_output_path(plan: Plan, out: Path, overwrite: bool) -> None:
         raise OutputError(f"{out} already exists (use --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder")
+    if overwrite and out.is_dir() and not out.is_symlink():
+        _check_replaceable(out)
+
+
+# What --overwrite may delete besides qcli's own output: the files of a Hugging Face checkpoint.
+_CHECKPOINT_FILES = re.compile(
+    r"""(config|generation_config|preprocessor_config|processor_config|tokenizer_config
+        |special_tokens_map|added_tokens|tokenizer|vocab|chat_template)\.json
+      |.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?
+      |tokenizer\.model|spiece\.model|sentencepiece\..*model|vocab\.txt|merges\.txt
+      |chat_template\.jinja|""" + re.escape(PROVENANCE_NAME),
+    re.VERBOSE,
+)
+
+
+def _check_replaceable(out: Path) -> None:
+    """--overwrite replaces an empty folder, qcli's own output, or a checkpoint, nothing else:
+    an OUT that names someone's notes (or an unset $OUT that names the working folder) must
+    not lose a file. qcli's output lists what it wrote in its provenance."""
+    try:
+        entries = sorted(out.iterdir(), key=lambda p: p.name)
+    except OSError as e:
+        raise OutputError(f"cannot read {out}: {e.strerror}") from None
+    written = _files_written(out)
+    for p in entries:
+        name = p.name
+        ours = name in written or _CHECKPOINT_FILES.fullmatch(name) or _is_model_card(p)
+        if not ours or p.is_dir() or p.is_symlink():
+            raise OutputError(
+                f"--overwrite would delete {p}, which is not part of a checkpoint; it replaces"
+                " only an empty folder or a checkpoint (move the file, or choose another OUT)"
+            )
+
+
+def _files_written(out: Path) -> set[str]:
+    try:
+        record = json.loads((out / PROVENANCE_NAME).read_text(encoding="utf-8"))
+        files = record.get("files") if record.get("tool") == "qcli" else None
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
+
+
+def _is_model_card(path: Path) -> bool:
+    if path.name != MODEL_CARD_NAME or not path.is_file():
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return MODEL_CARD_MARK in f.read(1 << 16)
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -480,6 +534,8 @@ def _write_metadata(
             continue
         shutil.copyfile(p, tmp / p.name)
         files.append(p.name)
+    files[:0] = ["config.json"]
+    files.append(PROVENANCE_NAME)
     record = {
         "tool": "qcli",
         "version": __version__,
@@ -489,10 +545,10 @@ def _write_metadata(
         "lm_head": plan.lm_head,
         "untied_lm_head": plan.untie,
         "quantized_modules": len(plan.quantized),
+        # what --overwrite may replace later: this run's files and nothing else
+        "files": sorted(files),
     }
     (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    files[:0] = ["config.json"]
-    files.append(PROVENANCE_NAME)
     if sync:
         for name in ("config.json", PROVENANCE_NAME):
             fd = os.open(tmp / name, os.O_RDONLY)

@@ -344,7 +344,7 @@ def _quant_plan(
 def shard_layout(plan: Plan, max_shard_size: int) -> list[tuple[str, list[TensorPlan]]]:
     """Split the tensor plans into output files, in order, a module's tensors kept together."""
     if max_shard_size <= 0:
-        raise InputError("--max-shard-size must be positive")
+        raise InputError("--max-shard-size: the size must be positive")
     shards: list[list[TensorPlan]] = [[]]
     size = 0
     for tp in plan.tensors:
@@ -362,8 +362,9 @@ def shard_layout(plan: Plan, max_shard_size: int) -> list[tuple[str, list[Tensor
     ]
 
 
-def parse_size(text: str) -> int:
-    """ "5GB", "500MB", "2GiB", "1000000" -> bytes (decimal units as transformers uses)."""
+def parse_size(text: str, option: str = "size") -> int:
+    """ "5GB", "500MB", "2GiB", "1000000" -> bytes (decimal units as transformers uses);
+    errors name `option`."""
     t = text.strip().upper().replace(" ", "")
     units = {
         "KIB": 2**10,
@@ -381,7 +382,7 @@ def parse_size(text: str) -> int:
     try:
         value = float(num)
     except ValueError:
-        raise InputError(f"cannot read size {text!r} (e.g. 5GB, 500MB)") from None
-    if not math.isfinite(value) or value <= 0:
-        raise InputError(f"size must be positive: {text!r}")
+        raise InputError(f"{option}: cannot read size {text!r} (e.g. 5GB, 500MB)") from None
+    if not math.isfinite(value) or value <= 0 or int(value * mult) < 1:
+        raise InputError(f"{option}: the size must be positive, got {text!r}")
     return int(value * mult)

@@ -78,8 +78,15 @@ def test_output_is_atomic_and_overwrite(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="already exists"):
         _run(EXAMPLE, out)
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces a checkpoint, never a folder holding someone's other files
+    with pytest.raises(OutputError, match="keep.txt"):
+        _run(EXAMPLE, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"an older result")
     _run(EXAMPLE, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or lock left
 
 

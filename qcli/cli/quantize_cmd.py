@@ -29,7 +29,7 @@ Examples:
 )
 def quantize(
     src: Annotated[str, typer.Argument(help="Local checkpoint folder or hub repo id (org/name).")],
-    out: Annotated[Path, typer.Argument(help="Output folder (must not exist unless --overwrite).")],
+    out: Annotated[str, typer.Argument(help="Output folder (must not exist unless --overwrite).")],
     scheme: Annotated[
         str, typer.Option("--scheme", "-s", help="W8A8 | W8A16 | FP8_DYNAMIC | FP8 (see README).")
     ] = "W8A8",
@@ -112,21 +112,25 @@ def quantize(
         allow_unmatched=allow_unmatched,
         int8_max=int8_max,
     )
-    shard_bytes = planning.parse_size(max_shard_size)
+    if not out.strip():
+        # an unset $OUT in a script: "" would otherwise mean the working folder
+        raise InputError("OUT is empty (an unset variable?); give the output folder")
+    out_path = Path(out)
+    shard_bytes = planning.parse_size(max_shard_size, "--max-shard-size")
     if workers < 0:
         raise InputError(f"--workers must be 0 (one per core) or more, not {workers}")
     if dry_run:
         # Headers only, before any download: a hub repo's weights are not fetched.
         from qcli.cli.inspect_cmd import dry_run as show_dry_run
 
-        show_dry_run(src, out, opts, revision, token, shard_bytes, overwrite, as_json, quiet)
+        show_dry_run(src, out_path, opts, revision, token, shard_bytes, overwrite, as_json, quiet)
         return
     src_info = source.resolve(src, revision, token)
     plan = planning.build(open_checkpoint(src_info.folder), opts)
 
     from qcli.convert import check_output_path, convert
 
-    check_output_path(plan, out, overwrite)
+    check_output_path(plan, out_path, overwrite)
     provenance = {
         "source": src_info.provenance(),
         "options": {
@@ -146,7 +150,7 @@ def quantize(
     with report.byte_progress(plan.bytes_in, enabled=not quiet) as advance:
         result = convert(
             plan,
-            out,
+            out_path,
             overwrite=overwrite,
             max_shard_size=shard_bytes,
             provenance=provenance,

@@ -521,6 +521,38 @@ def output_exists_overwrite_but_input_fails(tmp: Path):
     return _src(tmp, extra={UP: w}), out, ["--overwrite"]
 
 
+@case(EXIT_OUTPUT_FAILED, "--overwrite would delete", "notes.txt")
+def overwrite_a_folder_of_notes(tmp: Path):
+    # `qcli quantize SRC notes --overwrite`: a folder qcli never wrote keeps every file
+    out = tmp / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    return _src(tmp), out, ["--overwrite"]
+
+
+@case(EXIT_OUTPUT_FAILED, "--overwrite would delete", "todo.md")
+def overwrite_a_checkpoint_with_a_stranger_file(tmp: Path):
+    out = tmp / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"old")
+    (out / "todo.md").write_text("mine")  # not a checkpoint file: it would be lost
+    return _src(tmp), out, ["--overwrite"]
+
+
+@case(EXIT_OUTPUT_FAILED, "--overwrite would delete", "runs")
+def overwrite_a_folder_with_a_subfolder(tmp: Path):
+    out = tmp / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    return _src(tmp), out, ["--overwrite"]
+
+
+@case(EXIT_BAD_INPUT, "OUT is empty")
+def output_argument_empty(tmp: Path):
+    return _src(tmp), "", ["--overwrite"]
+
+
 @case(EXIT_BAD_INPUT, "inside the source checkpoint")
 def output_inside_input(tmp: Path):
     src = _src(tmp)
