@@ -1,4 +1,9 @@
-"""qcli: quantize Hugging Face checkpoints to 8-bit compressed-tensors, and verify them."""
+"""qcli: quantize Hugging Face checkpoints to 8-bit compressed-tensors, and verify them.
+
+The Python API (qcli.api) is importable from here: ``qcli.quantize``, ``qcli.plan``,
+``qcli.dry_run``, ``qcli.inspect``, ``qcli.verify``; errors are in qcli.errors. The names
+load lazily, so ``import qcli`` (and ``qcli --help``) stays instant.
+"""
 
 import warnings
 
@@ -7,3 +12,14 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 __version__ = "0.1.0"
+
+_API = ("quantize", "plan", "dry_run", "inspect", "verify", "plan_options")
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from qcli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'qcli' has no attribute {name!r}")

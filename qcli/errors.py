@@ -11,7 +11,9 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_OUTPUT_FAILED = 3
+EXIT_INTERNAL = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as shells report a process a SIGTERM ended
 
 
 class QcliError(Exception):
@@ -38,7 +40,17 @@ class OutputError(QcliError):
     exit_code = EXIT_OUTPUT_FAILED
 
 
+class InternalError(QcliError):
+    """qcli caught itself doing something wrong (a bug) before it could do harm."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class Interrupted(QcliError):
     """SIGINT or SIGTERM arrived; partial output has been removed."""
 
     exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str, exit_code: int = EXIT_INTERRUPTED):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -33,9 +33,9 @@ from qcli.quant import FP8_MAX, INT8_QMAX, dequantize
 __all__ = [
     "FP8_MIN_SCALE",
     "GemmRun",
-    "compare",
     "cpu_features",
     "dense",
+    "deviation",
     "fp8_dynamic",
     "fp8_weight_only",
     "int8_gemm_may_saturate",
@@ -71,12 +71,18 @@ class GemmRun:
             epilogue, see :func:`_close_to_exact`); ``None``: not checked, or a float
             path for which exactness is not a property (weight-only schemes).
         note: why a fallback ran, or what the check found.
+        reference, deviation: set when the run was checked (see below).
     """
 
     out: torch.Tensor
     kernel: str
     exact: bool | None
     note: str = ""
+    # With a check: the product in exact arithmetic on the same quantized operands, with
+    # the epilogue's float32 roundings done as the kernels do them (what a perfect kernel
+    # returns), and how far `out` is from it: max |out - reference| / max |reference|.
+    reference: torch.Tensor | None = None
+    deviation: float | None = None
 
 
 def _check_operands(x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor) -> None:
@@ -223,24 +229,30 @@ def w8a8_int8(
         raise ValueError(f"w8a8_int8 needs an int8 weight, got {q_w.dtype}")
     xq, x_scale = quantize_activations_int8(x)
     acc, kernel, note = _int8_acc(xq, q_w)
-    exact = None
-    if _want_check(check, x.shape[0]):
-        diff = acc.double() - _exact_matmul_f64(xq, q_w)
-        exact = not bool(diff.any())
-        if not exact:
-            note = f"{note}; int32 accumulator differs from exact in {int((diff != 0).sum())} "
-            note += f"of {diff.numel()} outputs (max |diff| {float(diff.abs().max()):.0f})"
-    return GemmRun(_epilogue(acc, x_scale, w_scale), kernel, exact, note.lstrip("; "))
+    out = _epilogue(acc, x_scale, w_scale)
+    if not _want_check(check, x.shape[0]):
+        return GemmRun(out, kernel, None, note)
+    exact_acc = _exact_matmul_f64(xq, q_w)
+    diff = acc.double() - exact_acc
+    exact = not bool(diff.any())
+    if not exact:
+        note = f"{note}; int32 accumulator differs from exact in {int((diff != 0).sum())} "
+        note += f"of {diff.numel()} outputs (max |diff| {float(diff.abs().max()):.0f})"
+    reference = _epilogue(exact_acc, x_scale, w_scale)
+    return GemmRun(out, kernel, exact, note.lstrip("; "), reference, deviation(out, reference))
 
 
-def w8a16(x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor) -> GemmRun:
+def w8a16(
+    x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor, check: bool | None = None
+) -> GemmRun:
     """W8A16 int8 weight-only: ``out = x_f32 @ (q_w * w_scale)^T``.
 
     Runs ``torch.ops.aten._weight_int8pack_mm`` in float32 (it applies the scale
     per output after accumulating, same math). Its bfloat16 variant is avoided: on
     torch 2.13 CPU it crashes the process for K not a multiple of 16. Falls back
     to a float32 ``F.linear`` on the dequantized weight (chunked over N).
-    ``exact`` is ``None``: float accumulation, like every W8A16 kernel.
+    ``exact`` is ``None``: float accumulation, like every W8A16 kernel; with a check,
+    ``reference`` is the float64 product of the dequantized weight.
     """
     _check_operands(x, q_w, w_scale)
     if q_w.dtype != torch.int8:
@@ -250,11 +262,28 @@ def w8a16(x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor) -> GemmRun:
         out = torch.ops.aten._weight_int8pack_mm(
             xf, q_w.contiguous(), w_scale.float().reshape(-1).contiguous()
         )
-        return GemmRun(out, "aten._weight_int8pack_mm (float32)", None)
+        run = GemmRun(out, "aten._weight_int8pack_mm (float32)", None)
     except (RuntimeError, NotImplementedError, AttributeError) as exc:
         note = f"_weight_int8pack_mm unavailable: {str(exc).splitlines()[0]}"
-    out = _dequant_linear(xf, q_w, w_scale)
-    return GemmRun(out, "dequantized int8 weight, float32 F.linear", None, note)
+        out = _dequant_linear(xf, q_w, w_scale)
+        run = GemmRun(out, "dequantized int8 weight, float32 F.linear", None, note)
+    return _with_float_reference(run, xf, q_w, w_scale, check)
+
+
+def _with_float_reference(
+    run: GemmRun, xf: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor, check: bool | None
+) -> GemmRun:
+    """Weight-only schemes: the float64 product of the dequantized weight, rounded once."""
+    if _want_check(check, xf.shape[0]):
+        ref = torch.empty(xf.shape[0], q_w.shape[0], dtype=torch.float32)
+        step = _chunk_rows(q_w.shape[1], 8)
+        s = w_scale.reshape(-1, 1)
+        xd = xf.double()
+        for n0 in range(0, q_w.shape[0], step):
+            w = dequantize(q_w[n0 : n0 + step], s[n0 : n0 + step]).double()
+            ref[:, n0 : n0 + step] = (xd @ w.t()).float()
+        run.reference, run.deviation = ref, deviation(run.out, ref)
+    return run
 
 
 def fp8_dynamic(
@@ -289,15 +318,21 @@ def fp8_dynamic(
     except (RuntimeError, NotImplementedError) as exc:
         note = f"torch._scaled_mm unavailable: {str(exc).splitlines()[0]}"
         out = _epilogue(_exact_matmul_f64(xq, q_w), x_scale, ws)
-        return GemmRun(out, "fp8 emulation (float64 accumulation)", True, note)
+        if not want:
+            return GemmRun(out, "fp8 emulation (float64 accumulation)", True, note)
+        return GemmRun(out, "fp8 emulation (float64 accumulation)", True, note, out, 0.0)
     if not want:
         return GemmRun(out, "torch._scaled_mm", None)
-    ref = _exact_matmul_f64(xq, q_w) * ws.double() * x_scale.double()
-    ok, rel = _close_to_exact(out, ref)
-    return GemmRun(out, "torch._scaled_mm", ok, f"max |out - exact| / max |exact| = {rel:.2e}")
+    acc = _exact_matmul_f64(xq, q_w)
+    ok, rel = _close_to_exact(out, acc * ws.double() * x_scale.double())
+    reference = _epilogue(acc, x_scale, ws)
+    note = f"max |out - exact| / max |exact| = {rel:.2e}"
+    return GemmRun(out, "torch._scaled_mm", ok, note, reference, deviation(out, reference))
 
 
-def fp8_weight_only(x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor) -> GemmRun:
+def fp8_weight_only(
+    x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor, check: bool | None = None
+) -> GemmRun:
     """FP8 weight-only: ``out = x_f32 @ (q_w * w_scale)^T``, float32, chunked over N.
 
     vLLM runs this as a weight-dequantizing kernel (Marlin) with float
@@ -306,8 +341,24 @@ def fp8_weight_only(x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor) -
     _check_operands(x, q_w, w_scale)
     if q_w.dtype != torch.float8_e4m3fn:
         raise ValueError(f"fp8_weight_only needs a float8_e4m3fn weight, got {q_w.dtype}")
-    out = _dequant_linear(x.float(), q_w, w_scale)
-    return GemmRun(out, "dequantized fp8 weight, float32 F.linear", None)
+    xf = x.float()
+    out = _dequant_linear(xf, q_w, w_scale)
+    run = GemmRun(out, "dequantized fp8 weight, float32 F.linear", None)
+    return _with_float_reference(run, xf, q_w, w_scale, check)
+
+
+def deviation(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |out - reference| / max |reference|; NaN in both places (a NaN scale) is no
+    deviation, NaN in one of them is an infinite one."""
+    if out.numel() == 0:
+        return 0.0
+    d = (out.double() - reference.double()).abs()
+    dmax = float(d.max())
+    if math.isnan(dmax):
+        same = torch.isnan(out) & torch.isnan(reference)
+        dmax = float(torch.where(same, 0.0, d).nan_to_num(math.inf).max())
+    top = float(reference.abs().nan_to_num(0.0).max())
+    return dmax / top if top else (0.0 if dmax == 0 else math.inf)
 
 
 def _dequant_linear(xf: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -328,56 +379,6 @@ def dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     for n0 in range(0, w.shape[0], step):
         out[:, n0 : n0 + step] = F.linear(xf, w[n0 : n0 + step].float())
     return out
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def compare(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """Agreement of ``y`` with ``ref`` (same shape), computed in float64.
-
-    * ``sqnr_db = 10 log10(sum ref^2 / sum (y - ref)^2)``: signal to quantization
-      noise; +inf when equal, -inf when ``ref`` is all zero and ``y`` is not.
-      Each 6 dB is about one bit; int8 W8A8 layers typically give 30-45 dB.
-    * ``cosine = <y, ref> / (|y| |ref|)`` over all elements: direction agreement,
-      blind to a common scale error; 1.0 when both are zero, 0.0 when one is.
-    * ``max_rel_err = max |y - ref| / max |ref|``: the worst element's error as a
-      fraction of the output's range (0 if equal, inf if ``ref`` is all zero and
-      ``y`` is not).
-    * ``max_abs_err = max |y - ref|``.
-
-    NaN anywhere in ``y`` makes every metric NaN.
-    """
-    if y.shape != ref.shape:
-        raise ValueError(f"shape mismatch: {tuple(y.shape)} vs {tuple(ref.shape)}")
-    yd, rd = y.double().reshape(-1), ref.double().reshape(-1)
-    d = yd - rd
-    if bool(torch.isnan(d).any()):
-        nan = math.nan
-        return {"sqnr_db": nan, "cosine": nan, "max_rel_err": nan, "max_abs_err": nan}
-    sig, noise = float(rd.square().sum()), float(d.square().sum())
-    if noise == 0:
-        sqnr = math.inf
-    elif sig == 0:
-        sqnr = -math.inf
-    else:
-        sqnr = 10 * math.log10(sig / noise)
-    ny, nr = float(yd.norm()), float(rd.norm())
-    if ny == 0 and nr == 0:
-        cosine = 1.0
-    elif ny == 0 or nr == 0:
-        cosine = 0.0
-    else:
-        cosine = float(yd @ rd) / (ny * nr)
-    max_abs = float(d.abs().max()) if d.numel() else 0.0
-    top = float(rd.abs().max()) if rd.numel() else 0.0
-    if max_abs == 0:
-        rel = 0.0
-    elif top == 0:
-        rel = math.inf
-    else:
-        rel = max_abs / top
-    return {"sqnr_db": sqnr, "cosine": cosine, "max_rel_err": rel, "max_abs_err": max_abs}
 
 
 # ---------------------------------------------------------------- CPU int8 kernels

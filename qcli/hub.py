@@ -64,13 +64,45 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+# A hub that cannot be reached at all is known after one request without retries; only then
+# does qcli fall back to the local cache. (huggingface_hub's own downloads retry a network
+# error five times, printing a line each time, before they look in the cache: ~25 s.)
+PROBE_TIMEOUT = 5.0
+
+
+def reachable(repo_id: str, revision: str | None, token: str | None) -> bool:
+    """Whether the hub answers at all: False on a network error (no DNS, refused, timeout).
+
+    Any HTTP answer, an error status included, counts as reachable: the real request that
+    follows reports a missing repo or a gated one in its own words."""
+    if offline():
+        return False
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
+
+    url = hf_hub_url(repo_id, "config.json", revision=revision)
+    timeout = min(PROBE_TIMEOUT, float(constants.HF_HUB_ETAG_TIMEOUT))
+    try:
+        get_hf_file_metadata(url, token=token, timeout=timeout)
+    except HfHubHTTPError:
+        return True
+    except (HTTPError, OSError):
+        return False
+    return True
+
+
 def open_repo(repo_id: str, revision: str | None = None, token: str | None = None) -> HubCheckpoint:
     """config.json, the index and every header of `repo_id` at `revision`; no weights."""
     with hub_errors(repo_id, revision):
         from huggingface_hub import hf_hub_download
 
+        local = not reachable(repo_id, revision, token)
         try:
-            config = Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token))
+            config = Path(
+                hf_hub_download(
+                    repo_id, "config.json", revision=revision, token=token, local_files_only=local
+                )
+            )
         except _remote_missing():
             raise InputError(
                 f"{repo_id}: no config.json (not a transformers model repo?)"
@@ -78,8 +110,8 @@ def open_repo(repo_id: str, revision: str | None = None, token: str | None = Non
         folder = config.parent
         # snapshot folders are named by commit: pin every later read to it.
         commit = folder.name
-        reader = _HeaderReader(repo_id, commit, token, folder)
-        index = _index(repo_id, commit, token, folder)
+        reader = _HeaderReader(repo_id, commit, token, folder, local)
+        index = _index(repo_id, commit, token, folder, local)
         if index is not None:
             import json
 
@@ -93,13 +125,13 @@ def open_repo(repo_id: str, revision: str | None = None, token: str | None = Non
     return HubCheckpoint(ck, repo_id, commit, sorted(reader.remote), sorted(reader.cached))
 
 
-def _index(repo_id: str, commit: str, token: str | None, folder: Path) -> Path | None:
+def _index(repo_id: str, commit: str, token: str | None, folder: Path, local: bool) -> Path | None:
     """The cached shard index, fetched if needed; None when the repo has a single file."""
     from huggingface_hub import hf_hub_download
 
     if (folder / INDEX_NAME).is_file():
         return folder / INDEX_NAME
-    if offline():
+    if local:
         # Offline, an uncached index and no index look alike: the single file decides.
         return None
     try:
@@ -118,8 +150,9 @@ def _remote_missing() -> type[Exception]:
 class _HeaderReader:
     """qcli.tensors.HeaderReader for one repo commit: the cache first, then range requests."""
 
-    def __init__(self, repo_id: str, commit: str, token: str | None, folder: Path):
+    def __init__(self, repo_id: str, commit: str, token: str | None, folder: Path, local: bool):
         self.repo_id, self.commit, self.token, self.folder = repo_id, commit, token, folder
+        self.local = local  # offline, or the hub cannot be reached: the cache only
         self.remote: set[str] = set()
         self.cached: set[str] = set()
         self._fetched: dict[str, Header] = {}
@@ -149,10 +182,10 @@ class _HeaderReader:
             self.cached.add(name)
             data, size = kept
             return parse_header(path, data[8:], size)
-        if offline():
+        if self.local:
             raise InputError(
-                f"{self.repo_id}: the header of {name} is not in the local cache and"
-                " HF_HUB_OFFLINE is set (run once online, or download the weights)"
+                f"{self.repo_id}: the header of {name} is not in the local cache and the hub"
+                " cannot be reached (offline: run once online, or download the weights)"
             )
         try:
             data, size = self._get_range(name, 0, FIRST_RANGE - 1)

@@ -33,12 +33,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qcli import layout
+
 __all__ = [
     "Module",
     "UnsupportedArchitecture",
     "classify",
     "fused_groups",
-    "tied_embeddings",
 ]
 
 LINEAR = "Linear"
@@ -100,6 +101,10 @@ _LM_HEAD_LEAVES = frozenset(
     {"lm_head", "embed_out", "output_layer", "generator_lm_head", "lm_loss", "proj_out",
      "output_projection"}
 )  # fmt: skip
+# Top-level heads of sequence / token classification and question answering models
+# (LlamaForSequenceClassification's `score`, BERT's `classifier`, RoBERTa's
+# `classifier.out_proj`): kept dense by default, like lm_head.
+_CLASSIFIER_HEADS = frozenset({"score", "classifier", "qa_outputs"})
 # Names that only say "embedding" in one model type: (model type, leaf) -> kind.
 _MODEL_TYPE_LEAVES = {("ctrl", "w"): "Embedding"}
 _ROUTER_LEAVES = frozenset({"gate", "router", "gating", "shared_expert_gate"})
@@ -119,10 +124,6 @@ _VISION_WORDS = ("vision", "visual", "image", "img_", "patch_embed", "projector"
 _AUDIO_WORDS = ("audio", "speech", "whisper")
 _EXPERT_INDEX = re.compile(r"(^|\.)experts\.(expert_)?\d+\.")
 _NORM_LEAF = re.compile(r"norm|^ln(_|\d|$)|layrnorm", re.IGNORECASE)
-
-# What compressed-tensors' pack-quantized format stores instead of `weight`, so that
-# qcli can classify its own output too (verify).
-_PACKED_WEIGHT = "weight_packed"
 
 
 # --- classify ---------------------------------------------------------------------------
@@ -189,7 +190,8 @@ def _module(
 
 def _weight_of(name: str, names: tuple[str, ...]) -> str | None:
     prefix = f"{name}." if name else ""
-    for leaf in ("weight", _PACKED_WEIGHT):
+    # pack-quantized stores `weight_packed` instead: qcli classifies its own output too
+    for leaf in (layout.WEIGHT, layout.PACKED):
         if prefix + leaf in names:
             return prefix + leaf
     return None
@@ -246,6 +248,8 @@ def _role(name: str, kind: str, context: _Context) -> str | None:
         return "embedding"
     if kind in (LINEAR, CONV1D) and _is_lm_head(parts):
         return "lm_head"
+    if kind == LINEAR and parts and parts[0] in _CLASSIFIER_HEADS:
+        return "classifier"
     if kind == LINEAR and _is_router(name, context):
         return "router"
     if _EXPERT_INDEX.search(name + "."):
@@ -319,112 +323,6 @@ def _refuse_fused_experts(
                 f"{tensor} {list(shape)} holds every expert of an MoE layer in one 3-D tensor; "
                 "qcli handles experts stored per expert only"
             )
-
-
-# --- tied embeddings --------------------------------------------------------------------
-
-# Model types whose transformers 5.24 config defaults tie_word_embeddings to True; every
-# other type defaults to False. tests/interop checks this against the installed library.
-_TIED_BY_DEFAULT = frozenset(
-    """
-    albert aya_vision bart bert bert-generation big_bird bigbird_pegasus biogpt blenderbot
-    blenderbot-small blip blip_text_model bloom camembert canary cohere cohere2 cohere2_moe
-    cohere2_vision cohere_compass_text convbert cpmant csm ctrl d_fine dab-detr data2vec-text
-    deberta deberta-v2 deepseek_vl deepseek_vl_hybrid deformable_detr deimv2 diffusion_gemma
-    diffusion_gemma_text distilbert electra ernie ernie4_5 ernie4_5_moe ernie4_5_vl_moe
-    ernie4_5_vl_moe_text esm falcon falcon_mamba flaubert flava florence2 fnet fun_asr_nano
-    funnel gemma gemma2 gemma3 gemma3_text gemma3n gemma3n_text gemma4 gemma4_text
-    gemma4_unified gemma4_unified_assistant gemma4_unified_text glmasr got_ocr2 gpt-sw3 gpt2
-    gpt_bigcode gpt_neo gpt_neox_japanese granite_docling granite_docling_text granite_speech
-    granite_speech5_ctc granite_speech_plus granite_swa grounding-dino gte hunyuan_vl
-    hunyuan_vl_text hyperclovax_vision_v2 ibert internvl janus jetmoe jina_embeddings_v3
-    kimi_k25 kosmos-2 kosmos-2.5 kosmos_2_5_text_model kosmos_2_text_model lara_mini layoutlm
-    led lfm2 lfm2_moe lfm2_vl lfm3 lfm3_vl lighton_ocr longformer longt5 luke lxmert m2m_100
-    mamba marian mbart megatron-bert mimi mimi_decoder mimi_encoder minicpm3 minicpm_ocr
-    mistral3 mm-grounding-dino mobilebert modernbert modernbert-decoder moonshine
-    moss_transcribe_diarize mpnet mpt mra mt5 mvp neomme nllb-moe nomic_bert nystromformer
-    openai-gpt opt ovis2 paddleocr_vl paddleocr_vl_text paligemma pe_audio_video pegasus
-    pegasus_x plbart pop2piano pp_chart2table pp_doclayout_v3 pp_doclayout_v4 prophetnet
-    qwen2_5_omni_text qwen3_asr qwen3_vl_moe_text recurrent_gemma roberta roberta-prelayernorm
-    roc_bert roformer rt_detr_v2 sam sam_hq seamless_m4t seamless_m4t_v2 shieldgemma2 smollm3
-    speech_to_text speecht5 squeezebert starcoder2 switch_transformers t5 t5_gemma_module
-    t5gemma t5gemma2 t5gemma2_decoder t5gemma2_encoder t5gemma2_text tapas trocr udop umt5
-    vaultgemma vilt visual_bert voxtral_realtime whisper xglm xlm xlm-roberta xlm-roberta-xl
-    xlnet xmod yoso youtu zamba zamba2 zaya
-    """.split()
-)
-
-# Composite configs with no top-level tie_word_embeddings: their language model is a
-# sub-model tied (or not) by its own sub-config. Type -> (that sub-config's key, the
-# value when the sub-config says nothing).
-_TIED_IN_SUBCONFIG = {
-    "audioflamingo3": ("text_config", False), "blip-2": ("text_config", True),
-    "instructblip": ("text_config", True), "instructblipvideo": ("text_config", True),
-    "jev": ("text_config", False), "mllama": ("text_config", False),
-    "muse_glimmer": ("text_config", False), "muse_spark": ("text_config", False),
-    "musicflamingo": ("text_config", False), "nemo_speechlm": ("text_config", False),
-    "nemotron_h_omni": ("text_config", False), "omniasr": ("text_config", False),
-    "pe_audio": ("text_config", True), "pe_video": ("text_config", True),
-    "pp_formulanet": ("text_config", False), "qwen2_audio": ("text_config", False),
-    "step3p7": ("text_config", False), "vibevoice_asr": ("text_config", False),
-    "vision-text-dual-encoder": ("text_config", True), "voxtral": ("text_config", False),
-    "encoder-decoder": ("decoder", True), "vision-encoder-decoder": ("decoder", True),
-    "speech-encoder-decoder": ("decoder", True),
-}  # fmt: skip
-
-# Encoder-decoder wrappers whose decoder sub-model ties itself by its own config; the
-# wrapper's top-level flag is about encoder/decoder sharing (and forced False by the
-# vision/speech ones).
-_DECODER_DECIDES = frozenset(
-    {"encoder-decoder", "vision-encoder-decoder", "speech-encoder-decoder"}
-)
-
-# Composite configs that, for configs saved before transformers 5, copy a True
-# text_config.tie_word_embeddings up to the top level (see LlavaConfig.__post_init__).
-_FORWARDS_TEXT_TIE = frozenset(
-    """
-    fast_vlm glm4v glm4v_moe glm_ocr hunyuan_vl llava llava_next_video llava_onevision
-    minimax_m3_vl paddleocr_vl perception_lm pix2struct qwen2_5_vl qwen2_vl shieldgemma2
-    vibevoice video_llama_3
-    """.split()
-)
-
-
-def tied_embeddings(config: Mapping[str, Any]) -> bool:
-    """Whether the loaded model ties its output head to the input embedding table.
-
-    Follows transformers 5.24: an explicit `tie_word_embeddings` wins; otherwise the
-    default of the config class of `model_type`. Composite configs without a top-level
-    value (BLIP-2, Mllama, ...) and encoder-decoder wrappers defer to the sub-config of their
-    language model, and some vision-language configs (Llava, Qwen2-VL, ...) take a True from their
-    `text_config` for configs saved before transformers 5.
-    """
-    model_type = config.get("model_type")
-    top_level = "tie_word_embeddings" in config and model_type not in _DECODER_DECIDES
-    if not top_level and model_type in _TIED_IN_SUBCONFIG:
-        key, default = _TIED_IN_SUBCONFIG[model_type]
-        sub = _sub_config(config, key)
-        return tied_embeddings(sub) if sub is not None else default
-    if "tie_word_embeddings" in config:
-        tied = bool(config["tie_word_embeddings"])
-    else:
-        tied = model_type in _TIED_BY_DEFAULT
-    text_config = _sub_config(config, "text_config")
-    if not tied and model_type in _FORWARDS_TEXT_TIE and text_config is not None:
-        tied = tied_embeddings(text_config)
-    return tied
-
-
-def _sub_config(config: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
-    """config[key] if it is a sub-config that says something about tying."""
-    sub = config.get(key)
-    if isinstance(sub, Mapping) and _says_anything(sub):
-        return sub
-    return None
-
-
-def _says_anything(config: Mapping[str, Any]) -> bool:
-    return "tie_word_embeddings" in config or "model_type" in config
 
 
 # --- fused groups -----------------------------------------------------------------------

@@ -22,7 +22,6 @@ bit-identical to :func:`compute_scales` + :func:`quantize_int8` / :func:`quantiz
 from __future__ import annotations
 
 import math
-import sys
 from typing import Literal
 
 import torch
@@ -30,24 +29,23 @@ import torch
 __all__ = [
     "FP8_MAX",
     "INT8_QMAX",
-    "QuantKind",
+    "QType",
     "NonFiniteWeightError",
     "compute_scales",
     "dequantize",
     "fp8_half_step",
     "max_quant_error",
-    "pack_int8",
     "quant_error_ratio",
     "quantize_fp8",
     "quantize_int8",
     "quantize_weight",
-    "unpack_int8",
+    "check_block",
 ]
 
 INT8_QMAX = 127
 FP8_MAX = 448.0
 
-QuantKind = Literal["int8", "fp8"]
+QType = Literal["int8", "fp8"]
 
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -81,20 +79,20 @@ class NonFiniteWeightError(ValueError):
         return cls(row, col, float(r[col]))
 
 
-def _default_qmax(kind: str) -> float:
-    if kind == "int8":
+def _default_qmax(qtype: str) -> float:
+    if qtype == "int8":
         return float(INT8_QMAX)
-    if kind == "fp8":
+    if qtype == "fp8":
         return FP8_MAX
-    raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
+    raise ValueError(f"qtype must be 'int8' or 'fp8', got {qtype!r}")
 
 
-def _check_qmax(kind: str, qmax: float | None) -> float:
-    q = _default_qmax(kind) if qmax is None else float(qmax)
-    if kind == "int8" and not (q == int(q) and 1 <= q <= INT8_QMAX):
+def _check_qmax(qtype: str, qmax: float | None) -> float:
+    q = _default_qmax(qtype) if qmax is None else float(qmax)
+    if qtype == "int8" and not (q == int(q) and 1 <= q <= INT8_QMAX):
         # A non-integer or >127 qmax would let round() produce 128, which wraps in int8.
         raise ValueError(f"int8 qmax must be an integer in [1, 127], got {qmax}")
-    if kind == "fp8" and not (0 < q <= FP8_MAX):
+    if qtype == "fp8" and not (0 < q <= FP8_MAX):
         raise ValueError(f"fp8 qmax must be in (0, 448], got {qmax}")
     return q
 
@@ -169,7 +167,7 @@ def _raise_scale_overflow(scale: torch.Tensor, absmax: torch.Tensor, qmax: float
 
 def compute_scales(
     w: torch.Tensor,
-    kind: QuantKind,
+    qtype: QType,
     scale_dtype: torch.dtype,
     qmax: float | None = None,
 ) -> torch.Tensor:
@@ -194,7 +192,7 @@ def compute_scales(
 
     Args:
         w: ``[out, in]`` float32 / bfloat16 / float16.
-        kind: ``"int8"`` (qmax default 127) or ``"fp8"`` (default 448).
+        qtype: ``"int8"`` (qmax default 127) or ``"fp8"`` (default 448).
         scale_dtype: float32, bfloat16 or float16.
         qmax: largest quantized magnitude to use (e.g. 63 to keep int8 weights
             within +-63); integer in [1, 127] for int8, (0, 448] for fp8.
@@ -209,7 +207,7 @@ def compute_scales(
     _check_weight(w)
     if scale_dtype not in _SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be float32/bfloat16/float16, got {scale_dtype}")
-    q = _check_qmax(kind, qmax)
+    q = _check_qmax(qtype, qmax)
     absmax = _row_absmax(w)
     bad = _first_nonfinite_row(absmax)
     if bad is not None:
@@ -241,14 +239,14 @@ def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_weight(
     w: torch.Tensor,
-    kind: QuantKind,
+    qtype: QType,
     scale_dtype: torch.dtype,
     qmax: float | None = None,
     block_rows: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and quantize a whole weight, fast: ``(q, scale)``.
 
-    Same result, bit for bit, as ``s = compute_scales(w, kind, scale_dtype, qmax)``
+    Same result, bit for bit, as ``s = compute_scales(w, qtype, scale_dtype, qmax)``
     followed by ``quantize_int8(w, s, qmax)`` / ``quantize_fp8(w, s)``.
 
     Works through ``block_rows`` rows at a time in one preallocated float32 buffer
@@ -267,7 +265,7 @@ def quantize_weight(
 
     Args:
         w: ``[out, in]`` float32 / bfloat16 / float16 (any strides).
-        kind: ``"int8"`` or ``"fp8"``.
+        qtype: ``"int8"`` or ``"fp8"``.
         scale_dtype: storage dtype of the scale (float32 / bfloat16 / float16).
         qmax: as in :func:`compute_scales`.
         block_rows: rows per block (tuning knob; results do not depend on it).
@@ -282,11 +280,11 @@ def quantize_weight(
     _check_weight(w)
     if scale_dtype not in _SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be float32/bfloat16/float16, got {scale_dtype}")
-    qm = _check_qmax(kind, qmax)
+    qm = _check_qmax(qtype, qmax)
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     rows, cols = w.shape
-    out_dtype = torch.int8 if kind == "int8" else torch.float8_e4m3fn
+    out_dtype = torch.int8 if qtype == "int8" else torch.float8_e4m3fn
     q = torch.empty(rows, cols, dtype=out_dtype)
     scale = torch.empty(rows, 1, dtype=scale_dtype)
     absmax_all = torch.empty(rows, 1, dtype=torch.float32)
@@ -304,7 +302,7 @@ def quantize_weight(
         # rather than syncing on a check for every block.
         s = _bumped_scales(absmax, qm, scale_dtype, out=scale[r0:r1])
         b.div_(s.float())
-        if kind == "int8":
+        if qtype == "int8":
             b.add_(_ROUND_MAGIC)
             ib = ibuf[: r1 - r0]
             ib.sub_(_ROUND_MAGIC_BITS)
@@ -356,7 +354,7 @@ def _unit_roundoff(dtype: torch.dtype) -> float:
 def max_quant_error(
     q: torch.Tensor,
     scale: torch.Tensor,
-    kind: QuantKind,
+    qtype: QType,
     dequant_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Per-element bound on ``|w - w_hat|`` for a weight quantized by this module.
@@ -379,14 +377,14 @@ def max_quant_error(
     """
     s = scale.double()
     qd = q.double()
-    if kind == "int8":
+    if qtype == "int8":
         h = torch.full_like(s, 0.5)
         qabs = qd.abs().amax(dim=1, keepdim=True)
-    elif kind == "fp8":
+    elif qtype == "fp8":
         h = fp8_half_step(q).double()
         qabs = qd.abs()
     else:
-        raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
+        raise ValueError(f"qtype must be 'int8' or 'fp8', got {qtype!r}")
     fin = torch.finfo(dequant_dtype)
     return (
         s * h
@@ -401,7 +399,7 @@ def quant_error_ratio(
     w_hat: torch.Tensor,
     q: torch.Tensor,
     scale: torch.Tensor,
-    kind: QuantKind,
+    qtype: QType,
 ) -> torch.Tensor:
     """Per-row ``max_j |w - w_hat| / max_quant_error``, float64 ``[out]``.
 
@@ -411,59 +409,43 @@ def quant_error_ratio(
     row blocks.
     """
     err = (w.double() - w_hat.double()).abs()
-    bound = max_quant_error(q, scale, kind, w_hat.dtype)
+    bound = max_quant_error(q, scale, qtype, w_hat.dtype)
     return (err / bound).amax(dim=1)
 
 
-def _pack_bytes_arith(u: torch.Tensor) -> torch.Tensor:
-    # Endian-independent: word = u0 | u1 << 8 | u2 << 16 | u3 << 24, wrapped to int32.
-    u = u.to(torch.int64).view(u.shape[0], -1, 4)
-    word = u[..., 0] | (u[..., 1] << 8) | (u[..., 2] << 16) | (u[..., 3] << 24)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+def check_block(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, qtype: QType) -> int | None:
+    """The first row of a just-quantized block whose values miss their error bound, or None.
 
+    Run on every block before it is written (a bug must never reach a checkpoint), so it
+    is cheap: float32, one reusable buffer, per element::
 
-def _unpack_bytes_arith(packed: torch.Tensor) -> torch.Tensor:
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    parts = [(p >> (8 * k)) & 0xFF for k in range(4)]
-    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1).to(torch.uint8)
+        |q * s - w| <= s * (h(q) + 2**-22 * (|q| + 1))
 
-
-def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """Pack int8 ``[out, in]`` into int32 ``[out, ceil(in / 4)]`` (pack-quantized, 8 bit).
-
-    ``u = q + 128`` as a byte; element ``j`` of a row goes into word ``j // 4`` at
-    bit offset ``8 * (j % 4)``; words are read as int32 (two's complement).
-    When ``in`` is not a multiple of 4 the last word is padded with zero bytes
-    (``u = 0``), exactly what compressed-tensors' ``pack_to_int32(q, 8)`` does;
-    format.md requires ``in % 4 == 0`` for vLLM, which is the caller's check.
+    with ``h = 1/2`` for int8 and, for fp8, ``h = max(|q| / 16, 2**-10)``: half an e4m3
+    step is at most 1/16 of the value in the normal range (3 mantissa bits) and 2**-10 among
+    the subnormals. The 2**-22 term covers float32's own roundings (the division that made
+    ``q``, the product ``q * s`` and the difference, each within 2**-24 relative). An int8
+    value off by one step, a wrapped value, a wrong scale or a row mixed up with another
+    misses it; the exact bound is :func:`max_quant_error`, which tests use.
     """
-    if q.dtype != torch.int8 or q.ndim != 2:
-        raise ValueError(f"expected a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
     rows, cols = q.shape
-    words = -(-cols // 4)
-    u = torch.zeros(rows, words * 4, dtype=torch.uint8)
-    # q + 128 mod 256 is flipping the sign bit of the two's complement byte.
-    torch.bitwise_xor(q.view(torch.uint8), 0x80, out=u[:, :cols])
-    if sys.byteorder == "little":
-        return u.view(torch.int32)
-    return _pack_bytes_arith(u)
-
-
-def unpack_int8(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`pack_int8`: int32 ``[out, ceil(in / 4)]`` -> int8 ``shape``.
-
-    Padding bytes past ``in`` are ignored, as in compressed-tensors'
-    ``unpack_from_int32(packed, 8, shape)``.
-    """
-    rows, cols = (int(d) for d in shape)
-    if packed.dtype != torch.int32 or packed.ndim != 2:
-        raise ValueError(f"expected a 2-D int32 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    if packed.shape[0] != rows or packed.shape[1] != -(-cols // 4):
-        raise ValueError(
-            f"packed shape {tuple(packed.shape)} does not match weight shape {(rows, cols)}"
-        )
-    if sys.byteorder == "little":
-        u = packed.contiguous().view(torch.uint8)
+    if rows == 0 or cols == 0:
+        return None
+    s = scale.float().reshape(rows, 1)
+    bad = ~(torch.isfinite(s) & (s > 0)).reshape(-1)
+    if bool(bad.any()):
+        return int(bad.nonzero()[0, 0])
+    d = torch.mul(q, s) if q.dtype == torch.int8 else torch.mul(q.float(), s)
+    d.sub_(w).abs_()
+    if qtype == "int8":
+        qmax = q.abs().amax(dim=1, keepdim=True).float()  # int8: |q| <= 127, no overflow
+        limit = s * (0.5 + 2.0**-22 * (qmax + 1))
+        miss = ~(d.amax(dim=1, keepdim=True) <= limit).reshape(-1)
     else:
-        u = _unpack_bytes_arith(packed)
-    return torch.bitwise_xor(u[:, :cols], 0x80).view(torch.int8)
+        a = q.float().abs_()  # |q|
+        slack = a.mul(2.0**-22).add_(2.0**-22)
+        limit = a.mul_(1 / 16).clamp_(min=2.0**-10).add_(slack).mul_(s)
+        miss = ~(d <= limit).all(dim=1)
+    if bool(miss.any()):
+        return int(miss.nonzero()[0, 0])
+    return None

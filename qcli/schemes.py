@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qcli.errors import InputError
+from qcli.layout import Layout
+from qcli.layout import of as layout_of
 
 
 @dataclass(frozen=True)
@@ -22,20 +24,16 @@ class Scheme:
     description: str
 
     @property
-    def kind(self) -> str:
+    def qtype(self) -> str:
         """The weight quantizer in qcli.quant: "int8" or "fp8"."""
         return "int8" if self.weight_type == "int" else "fp8"
 
     @property
-    def packed(self) -> bool:
-        return self.format == "pack-quantized"
-
-    @property
-    def weight_dtype(self) -> str:
-        """safetensors dtype of the stored weight tensor."""
-        if self.packed:
-            return "I32"
-        return "I8" if self.kind == "int8" else "F8_E4M3"
+    def layout(self) -> Layout:
+        """How its weights are stored (qcli.layout)."""
+        found = layout_of(self.format, self.weight_type)
+        assert found is not None, self.name
+        return found
 
     @property
     def vllm_lm_head_ok(self) -> bool:

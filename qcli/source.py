@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qcli.errors import InputError
+from qcli.tensors import Checkpoint, open_checkpoint
 
 # What a quantize run reads or copies: weights, index, configs, tokenizer and generation
 # files, chat templates, remote code that config.json's auto_map may point at.
@@ -45,32 +47,103 @@ def looks_like_repo_id(spec: str) -> bool:
     return bool(_REPO_ID.match(spec)) and ".." not in spec and not spec.endswith((".", "-"))
 
 
-def resolve(spec: str, revision: str | None = None, token: str | None = None) -> Source:
-    """A local folder as is; otherwise download (or find in the cache) a hub snapshot."""
+def local_folder(spec: str, revision: str | None = None) -> Path | None:
+    """The local folder SRC names, or None when it is a hub repo id.
+
+    A spec that can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x/``), or whose
+    first part is a local folder (``models/qwen2`` where ``models/`` exists), is a path even
+    when nothing is there: a typo then says "no such folder" at once instead of asking the
+    hub for a repo that does not exist."""
+    if not spec.strip():
+        raise InputError("SRC is empty (an unset variable?); give a checkpoint folder or repo id")
     p = Path(spec).expanduser()
     if p.exists():
         if not p.is_dir():
             raise InputError(f"{spec}: not a folder (give the checkpoint's folder)")
         if revision:
             raise InputError("--revision applies to hub repo ids, not local folders")
-        return Source(p, spec)
-    if not looks_like_repo_id(spec):
-        raise InputError(f"{spec}: no such folder, and not a hub repo id (org/name)")
+        return p
+    first = spec.split("/", 1)[0]
+    pathlike = (
+        spec.startswith((".", "/", "~"))
+        or spec.endswith("/")
+        or spec.count("/") > 1
+        or ("/" in spec and Path(first).is_dir())
+    )
+    if pathlike or not looks_like_repo_id(spec):
+        hint = _close_match(p)
+        raise InputError(
+            f"{spec}: no such folder"
+            + (f" (did you mean {hint}?)" if hint else "")
+            + ("" if pathlike else ", and not a hub repo id (org/name)")
+        )
+    return None
+
+
+def _close_match(path: Path) -> str | None:
+    import difflib
+
+    parent = path.parent
+    try:
+        names = [q.name for q in parent.iterdir() if q.is_dir()]
+    except OSError:
+        return None
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
+    return str(parent / close[0]) if close else None
+
+
+def resolve(spec: str, revision: str | None = None, token: str | None = None) -> Source:
+    """A local folder as is; otherwise download (or find in the cache) a hub snapshot."""
+    folder = local_folder(spec, revision)
+    if folder is not None:
+        return Source(folder, spec)
     return _download(spec, revision, token)
 
 
 def _download(repo_id: str, revision: str | None, token: str | None) -> Source:
     from huggingface_hub import snapshot_download
 
-    from qcli.hub import hub_errors
+    from qcli.hub import hub_errors, reachable
 
     try:
         with hub_errors(repo_id, revision):
             folder = snapshot_download(
-                repo_id, revision=revision, token=token, allow_patterns=ALLOW_PATTERNS
+                repo_id,
+                revision=revision,
+                token=token,
+                allow_patterns=ALLOW_PATTERNS,
+                local_files_only=not reachable(repo_id, revision, token),
             )
     except ValueError as e:  # HFValidationError: a malformed repo id or revision
         raise InputError(f"{repo_id}: cannot fetch ({str(e).splitlines()[0]})") from None
     path = Path(folder)
     # snapshot folders are named by commit hash: that is the exact revision read.
     return Source(path, repo_id, repo_id, path.name)
+
+
+@dataclass
+class Opened:
+    """A checkpoint and where it came from (for people, scripts and provenance)."""
+
+    checkpoint: Checkpoint
+    source: dict[str, Any]
+    label: str  # what to call it on screen
+
+
+def open_headers(spec: str, revision: str | None = None, token: str | None = None) -> Opened:
+    """A local folder, or a hub repo id read without its weights (qcli.hub): headers and
+    configs only, for inspect and --dry-run."""
+    path = local_folder(spec, revision)
+    if path is not None:
+        ck = open_checkpoint(path)
+        return Opened(ck, {"path": str(path.resolve())}, str(path))
+    from qcli import hub
+
+    h = hub.open_repo(spec, revision, token)
+    src = {
+        "repo_id": h.repo_id,
+        "revision": h.commit,
+        "headers_fetched": h.remote_files,
+        "headers_cached": h.cached_files,
+    }
+    return Opened(h.checkpoint, src, f"{h.repo_id}@{h.commit[:12]}")

@@ -533,7 +533,7 @@ class Checkpoint:
             module = "model.embed_tokens"  # tied: vLLM's lm_head is the embedding table
         scale = t.get(module + ".weight_scale")
         if module + ".weight_packed" in t:
-            from qcli.quant import unpack_int8
+            from qcli.layout import unpack_int8
 
             shape = tuple(t[module + ".weight_shape"].tolist())
             q = unpack_int8(t[module + ".weight_packed"], shape)

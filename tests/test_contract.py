@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from qcli import contract
+from qcli import checks
+from qcli.checks import raw
 from qcli.cli.app import main
-from qcli.tensors import open_checkpoint, read_header
+from qcli.tensors import TensorInfo, open_checkpoint, read_header
 from tests.conftest import EXAMPLE, REPO
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -37,8 +38,8 @@ def _edit(out: Path, fn) -> None:
     (out / "config.json").write_text(json.dumps(cfg))
 
 
-def _checks(out: Path, severity: str = contract.ERROR) -> set[str]:
-    _, found = contract.check_folder(out)
+def _checks(out: Path, severity: str = checks.ERROR) -> set[str]:
+    _, found = checks.check_folder(out)
     return {f.check for f in found.findings if f.severity == severity}
 
 
@@ -46,7 +47,7 @@ def test_contract_runs_without_torch(w8a8: Path) -> None:
     """`inspect` calls the contract checks and must not import torch."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from qcli.contract import check_folder\n"
+        "from qcli.checks import check_folder\n"
         f"ck, found = check_folder({str(w8a8)!r})\n"
         "print(found.ok, len(found.modules), found.lm_head.on_disk)\n"
     )
@@ -58,7 +59,7 @@ def test_contract_runs_without_torch(w8a8: Path) -> None:
 
 
 def test_correct_output(w8a8: Path) -> None:
-    ck, found = contract.check_folder(w8a8)
+    ck, found = checks.check_folder(w8a8)
     assert found.ok and not found.findings
     assert [m.name for m in found.modules][-1] == "model.layers.1.self_attn.v_proj"
     head = found.lm_head
@@ -71,7 +72,7 @@ def test_correct_output(w8a8: Path) -> None:
 # --- raw scale values ---------------------------------------------------------------------
 
 
-def _scale_file(tmp_path: Path, values: list[float], dtype: str) -> contract.TensorInfo:
+def _scale_file(tmp_path: Path, values: list[float], dtype: str) -> TensorInfo:
     t = torch.tensor(values, dtype=torch.float32).to(TORCH_DTYPES[dtype]).reshape(-1, 1)
     save_file({"s": t}, tmp_path / "s.safetensors")
     return read_header(tmp_path / "s.safetensors")[1]["s"]
@@ -81,10 +82,10 @@ def _scale_file(tmp_path: Path, values: list[float], dtype: str) -> contract.Ten
 def test_first_bad_scale(tmp_path: Path, dtype: str) -> None:
     tiny = torch.finfo(TORCH_DTYPES[dtype]).tiny / 4  # a subnormal: positive, so fine
     info = _scale_file(tmp_path, [1.0, tiny, 3.5], dtype)
-    assert contract.first_bad_scale(info) is None
+    assert raw.first_bad_scale(info) is None
     for bad in (0.0, -0.0, -1.0, math.inf, -math.inf, math.nan):
         info = _scale_file(tmp_path, [1.0, 2.0, bad, 0.5], dtype)
-        row, value = contract.first_bad_scale(info)
+        row, value = raw.first_bad_scale(info)
         assert row == 2
         assert (math.isnan(value) and math.isnan(bad)) or value == bad
 
@@ -99,13 +100,13 @@ def test_scale_check_agrees_with_torch(tmp_path_factory, dtype: str, values: lis
     t = torch.tensor(values, dtype=torch.float32).to(TORCH_DTYPES[dtype]).reshape(-1, 1)
     save_file({"s": t}, tmp / "s.safetensors")
     info = read_header(tmp / "s.safetensors")[1]["s"]
-    decoded = contract.decode_floats(info)
+    decoded = raw.decode_floats(info)
     want = t.float().flatten().tolist()
     assert all(
         (math.isnan(a) and math.isnan(b)) or a == b for a, b in zip(decoded, want, strict=True)
     )
     good = torch.isfinite(t.float()) & (t.float() > 0)
-    bad = contract.first_bad_scale(info)
+    bad = raw.first_bad_scale(info)
     if bool(good.all()):
         assert bad is None
     else:
@@ -117,13 +118,13 @@ def test_scale_check_agrees_with_torch(tmp_path_factory, dtype: str, values: lis
 
 def test_config_findings(w8a8: Path, tmp_path: Path) -> None:
     cases = {
-        "newer_arg_key": (lambda qc: qc["config_groups"]["group_0"]["weights"].update(zp_dtype=None), "config.arg_keys", contract.WARNING),  # noqa: E501
-        "kv_cache": (lambda qc: qc.update(kv_cache_scheme={"num_bits": 8}), "config.kv_cache_scheme", contract.WARNING),  # noqa: E501
-        "bad_regex": (lambda qc: qc.update(ignore=["re:("]), "config.ignore", contract.ERROR),
-        "asymmetric": (lambda qc: qc["config_groups"]["group_0"]["weights"].update(symmetric=False), "config.scheme", contract.ERROR),  # noqa: E501
-        "stray_target": (lambda qc: qc["config_groups"]["group_0"]["targets"].append("re:.*nothing$"), "config.targets", contract.WARNING),  # noqa: E501
-        "output_acts": (lambda qc: qc["config_groups"]["group_0"].update(output_activations={"num_bits": 8}), "config.scheme", contract.ERROR),  # noqa: E501
-        "groups_empty": (lambda qc: qc.update(config_groups={}), "config.config_groups", contract.ERROR),  # noqa: E501
+        "newer_arg_key": (lambda qc: qc["config_groups"]["group_0"]["weights"].update(zp_dtype=None), "config.arg_keys", checks.WARNING),  # noqa: E501
+        "kv_cache": (lambda qc: qc.update(kv_cache_scheme={"num_bits": 8}), "config.kv_cache_scheme", checks.WARNING),  # noqa: E501
+        "bad_regex": (lambda qc: qc.update(ignore=["re:("]), "config.ignore", checks.ERROR),
+        "asymmetric": (lambda qc: qc["config_groups"]["group_0"]["weights"].update(symmetric=False), "config.scheme", checks.ERROR),  # noqa: E501
+        "stray_target": (lambda qc: qc["config_groups"]["group_0"]["targets"].append("re:.*nothing$"), "config.targets", checks.WARNING),  # noqa: E501
+        "output_acts": (lambda qc: qc["config_groups"]["group_0"].update(output_activations={"num_bits": 8}), "config.scheme", checks.ERROR),  # noqa: E501
+        "groups_empty": (lambda qc: qc.update(config_groups={}), "config.config_groups", checks.ERROR),  # noqa: E501
     }  # fmt: skip
     for name, (fn, check, severity) in cases.items():
         out = tmp_path / name
@@ -146,7 +147,7 @@ def test_two_groups_follow_compressed_tensors_precedence(w8a8: Path, tmp_path: P
         }
 
     _edit(out, split)
-    _, found = contract.check_folder(out)
+    _, found = checks.check_folder(out)
     assert found.ok, [str(f) for f in found.findings]
     assert next(m for m in found.modules if m.name == "lm_head").group == "group_1"
 
@@ -156,8 +157,8 @@ def test_two_groups_follow_compressed_tensors_precedence(w8a8: Path, tmp_path: P
         g1["format"] = "float-quantized"
 
     _edit(out, fp8_head)
-    checks = _checks(out)
-    assert {"tensors.dtype", "config.format"} <= checks  # int8 tensors; top-level disagrees
+    found_checks = _checks(out)
+    assert {"tensors.dtype", "config.format"} <= found_checks  # int8 tensors; top-level disagrees
 
 
 def test_fp8_weight_only_lm_head_is_flagged(tmp_path: Path) -> None:
@@ -167,7 +168,7 @@ def test_fp8_weight_only_lm_head_is_flagged(tmp_path: Path) -> None:
     )
     # a warning, not an error: transformers loads it, current vLLM cannot
     assert _checks(out) == set()
-    assert _checks(out, contract.WARNING) == {"lm_head.scheme"}
+    assert _checks(out, checks.WARNING) == {"lm_head.scheme"}
 
 
 def test_weight_shape_read_from_raw_bytes(tmp_path: Path) -> None:
@@ -175,8 +176,8 @@ def test_weight_shape_read_from_raw_bytes(tmp_path: Path) -> None:
     assert main(["quantize", str(EXAMPLE), str(out), "--scheme", "W8A16", "--quiet"]) == 0
     ck = open_checkpoint(out)
     info = ck.tensors["model.layers.0.mlp.down_proj.weight_shape"]
-    assert struct.unpack("<2q", contract.read_raw(info)) == (256, 512)
-    found = contract.check(ck)
+    assert struct.unpack("<2q", raw.read_raw(info)) == (256, 512)
+    found = checks.check(ck)
     assert found.ok and found.lm_head.on_disk == "dense" and "lm_head" in found.dense_linear
     qm = next(m for m in found.modules if m.name == "model.layers.0.mlp.down_proj")
     assert qm.shape == (256, 512) and qm.weight.name.endswith("weight_packed")
@@ -212,5 +213,5 @@ def test_any_config_gives_findings_not_crashes(w8a8: Path, edits) -> None:
         if isinstance(node, dict):
             node[path[-1] if path else "quantization_config"] = value
     ck.config = cfg
-    found = contract.check(ck)
+    found = checks.check(ck)
     json.dumps(found.to_json())

@@ -12,8 +12,7 @@ import torch
 from safetensors import safe_open
 
 from qcli import convert as convert_mod
-from qcli import plan as planning
-from qcli import quant
+from qcli import layout, planner, quant
 from qcli.cli.app import main
 from qcli.errors import InputError, OutputError
 from qcli.schemes import SCHEMES, get_scheme
@@ -36,7 +35,9 @@ def _files(path: Path) -> dict[str, bytes]:
 
 def _run(src: Path, out: Path, scheme: str = "W8A8", **kw) -> convert_mod.Result:
     opts = {k: kw.pop(k) for k in ("lm_head", "ignore") if k in kw}
-    plan = planning.build(open_checkpoint(src), planning.Options(scheme=get_scheme(scheme), **opts))
+    plan = planner.build(
+        open_checkpoint(src), planner.PlanOptions(scheme=get_scheme(scheme), **opts)
+    )
     return convert_mod.convert(plan, out, sync=False, **kw)
 
 
@@ -44,7 +45,7 @@ def _run(src: Path, out: Path, scheme: str = "W8A8", **kw) -> convert_mod.Result
 def test_values_equal_reference_math(tmp_path: Path, scheme: str) -> None:
     _run(EXAMPLE, tmp_path / "out", scheme, lm_head=True)
     src, got = _tensors(EXAMPLE), _tensors(tmp_path / "out")
-    kind = get_scheme(scheme).kind
+    kind = get_scheme(scheme).qtype
     for name, w in src.items():
         module = name.removesuffix(".weight")
         if module + ".weight_scale" not in got:
@@ -53,8 +54,8 @@ def test_values_equal_reference_math(tmp_path: Path, scheme: str) -> None:
         scale = quant.compute_scales(w, kind, w.dtype)
         q = quant.quantize_int8(w, scale) if kind == "int8" else quant.quantize_fp8(w, scale)
         assert torch.equal(got[module + ".weight_scale"], scale), name
-        if get_scheme(scheme).packed:
-            assert torch.equal(got[module + ".weight_packed"], quant.pack_int8(q)), name
+        if get_scheme(scheme).layout.packed:
+            assert torch.equal(got[module + ".weight_packed"], layout.pack_int8(q)), name
             assert got[module + ".weight_shape"].tolist() == list(w.shape)
         else:
             assert torch.equal(got[module + ".weight"].view(torch.uint8), q.view(torch.uint8)), name
@@ -144,8 +145,8 @@ def test_cli_json_and_exit_codes(tmp_path: Path, capsys) -> None:
 
 
 def test_int8_max_keeps_weights_in_range(tmp_path: Path) -> None:
-    opts = planning.Options(scheme=get_scheme("W8A8"), lm_head=True, int8_max=63)
-    convert_mod.convert(planning.build(open_checkpoint(EXAMPLE), opts), tmp_path / "o", sync=False)
+    opts = planner.PlanOptions(scheme=get_scheme("W8A8"), lm_head=True, int8_max=63)
+    convert_mod.convert(planner.build(open_checkpoint(EXAMPLE), opts), tmp_path / "o", sync=False)
     src, got = _tensors(EXAMPLE), _tensors(tmp_path / "o")
     w = src["model.layers.0.mlp.down_proj.weight"]
     q = got["model.layers.0.mlp.down_proj.weight"]
@@ -153,6 +154,6 @@ def test_int8_max_keeps_weights_in_range(tmp_path: Path) -> None:
     scale = quant.compute_scales(w, "int8", w.dtype, qmax=63)
     assert torch.equal(q, quant.quantize_int8(w, scale, qmax=63))
     with pytest.raises(InputError, match="int8-max"):
-        planning.build(
-            open_checkpoint(EXAMPLE), planning.Options(scheme=get_scheme("FP8"), int8_max=63)
+        planner.build(
+            open_checkpoint(EXAMPLE), planner.PlanOptions(scheme=get_scheme("FP8"), int8_max=63)
         )

@@ -10,7 +10,6 @@ import torch
 from qcli.gemm import (
     FP8_MIN_SCALE,
     _exact_matmul_f64,
-    compare,
     cpu_features,
     dense,
     fp8_dynamic,
@@ -22,6 +21,7 @@ from qcli.gemm import (
     w8a8_int8,
     w8a16,
 )
+from qcli.numerics.metrics import compare
 from qcli.quant import fp8_half_step, quantize_weight
 
 SHAPES = [(1, 64, 48), (3, 7, 5), (17, 96, 40), (33, 130, 9)]

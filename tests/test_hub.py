@@ -359,7 +359,7 @@ def test_quantized_repo_on_the_hub(hub: FakeHub, models, tmp_path: Path) -> None
     # verify's checks read the scales' values, which stay on the hub: said, not faked
     assert q["contract"] is None and "not downloaded" in q["contract_error"]
     r = qcli(hub, tmp_path / "hf", "inspect", "org/m-W8A8")
-    assert r.returncode == 0 and "W8A8" in r.stderr and "lm_head: quantized" in r.stderr
+    assert r.returncode == 0 and "W8A8" in r.stdout and "lm_head: quantized" in r.stdout
 
 
 def test_dry_run_from_hub_downloads_no_weights(hub: FakeHub, models, tmp_path: Path) -> None:
@@ -367,7 +367,7 @@ def test_dry_run_from_hub_downloads_no_weights(hub: FakeHub, models, tmp_path: P
     out = tmp_path / "out"
     r = qcli(hub, tmp_path / "hf", "quantize", "org/m", str(out), "--dry-run", "--lm-head")
     assert r.returncode == 0, r.stderr
-    assert "lm_head: quantized" in r.stderr and "nothing written" in r.stderr
+    assert "lm_head: quantized" in r.stdout and "nothing written" in r.stdout
     assert not out.exists()
     assert all(s.status == 206 for s in hub.log if s.path.endswith(".safetensors"))
 

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from qcli.kinds import Module, UnsupportedArchitecture, classify, fused_groups, tied_embeddings
+from qcli.heads import tied_embeddings
+from qcli.kinds import Module, UnsupportedArchitecture, classify, fused_groups
 
 H, F, V = 64, 128, 256  # hidden, feed-forward (intermediate), vocabulary
 LLAMA_CONFIG = {"model_type": "llama", "hidden_size": H, "vocab_size": V}

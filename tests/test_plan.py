@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qcli import plan as planning
+from qcli import planner
 from qcli.errors import InputError, PlanError
 from qcli.schemes import get_scheme
 from qcli.tensors import open_checkpoint
@@ -54,11 +54,13 @@ def _llama(
     return tmp
 
 
-def _plan(path: Path, scheme: str = "W8A8", **kw) -> planning.Plan:
-    return planning.build(open_checkpoint(path), planning.Options(scheme=get_scheme(scheme), **kw))
+def _plan(path: Path, scheme: str = "W8A8", **kw) -> planner.Plan:
+    return planner.build(
+        open_checkpoint(path), planner.PlanOptions(scheme=get_scheme(scheme), **kw)
+    )
 
 
-def _group(plan: planning.Plan) -> dict:
+def _group(plan: planner.Plan) -> dict:
     return plan.config["quantization_config"]["config_groups"]["group_0"]
 
 
@@ -177,10 +179,10 @@ def test_target_matching_nothing_is_an_error_unless_allowed(tmp_path: Path) -> N
 
 def test_shard_layout_and_sizes(tmp_path: Path) -> None:
     plan = _plan(_llama(tmp_path), lm_head=True)
-    shards = planning.shard_layout(plan, 40_000)
+    shards = planner.shard_layout(plan, 40_000)
     assert len(shards) > 1 and shards[0][0].startswith("model-00001-of-")
     assert sum(t.bytes_out for _, ts in shards for t in ts) == plan.bytes_out
-    assert planning.shard_layout(plan, 10**12)[0][0] == "model.safetensors"
-    assert planning.parse_size("5GB") == 5 * 10**9 and planning.parse_size("2GiB") == 2 * 2**30
+    assert planner.shard_layout(plan, 10**12)[0][0] == "model.safetensors"
+    assert planner.parse_size("5GB") == 5 * 10**9 and planner.parse_size("2GiB") == 2 * 2**30
     with pytest.raises(InputError):
-        planning.parse_size("lots")
+        planner.parse_size("lots")

@@ -10,22 +10,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcli.layout import _pack_bytes_arith, _unpack_bytes_arith, pack_int8, unpack_int8
 from qcli.quant import (
     FP8_MAX,
     INT8_QMAX,
     NonFiniteWeightError,
-    _pack_bytes_arith,
-    _unpack_bytes_arith,
+    check_block,
     compute_scales,
     dequantize,
     fp8_half_step,
     max_quant_error,
-    pack_int8,
     quant_error_ratio,
     quantize_fp8,
     quantize_int8,
     quantize_weight,
-    unpack_int8,
 )
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
@@ -441,3 +439,46 @@ def test_pack_rejects_bad_input():
         unpack_int8(torch.zeros(2, 2, dtype=torch.int32), (2, 12))
     with pytest.raises(ValueError):
         unpack_int8(torch.zeros(2, 2, dtype=torch.int64), (2, 8))
+
+
+# --- the check every block passes before it is written ------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ["int8", "fp8"])
+@pytest.mark.parametrize("s_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_check_block_passes_every_correct_block(qtype, s_dtype):
+    g = torch.Generator().manual_seed(11)
+    for w in (
+        torch.randn(64, 300, generator=g),
+        torch.randn(64, 300, generator=g) ** 5,  # heavy tails: most values tiny
+        torch.randn(64, 300, generator=g) * 1e-6,
+        torch.zeros(8, 300),
+    ):
+        for dtype in (torch.float32, torch.bfloat16):
+            wd = w.to(dtype)
+            q, s = quantize_weight(wd, qtype, s_dtype)
+            assert check_block(wd, q, s, qtype) is None
+
+
+@pytest.mark.parametrize("qtype", ["int8", "fp8"])
+def test_check_block_catches_what_a_bug_would_write(qtype):
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(12)).bfloat16()
+    q, s = quantize_weight(w, qtype, torch.bfloat16)
+
+    def one_step(q):
+        q = q.clone()
+        if qtype == "int8":
+            q[5, 7] += 1 if q[5, 7] < 127 else -1
+        else:  # two e4m3 steps up: beyond rounding anywhere in the value's binade
+            bits = q.view(torch.uint8)
+            bits[5, 7] += 2
+        return q
+
+    swapped = q.clone()
+    swapped[[3, 9]] = q[[9, 3]]
+    assert check_block(w, one_step(q), s, qtype) == 5
+    assert check_block(w, swapped, s, qtype) == 3
+    assert check_block(w, q, s * 2, qtype) == 0
+    nan = s.clone()
+    nan[4] = float("nan")
+    assert check_block(w, q, nan, qtype) == 4

@@ -12,10 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qcli.errors import CheckpointError
+from qcli.shards import ShardWriter, Slot, index_json
 from qcli.tensors import (
-    ShardWriter,
-    Slot,
-    index_json,
     natural_key,
     open_checkpoint,
     read_header,

@@ -19,9 +19,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qcli import gemm, quant, verify
+from qcli import gemm, layout, quant
+from qcli.checks import QuantModule
 from qcli.cli.app import main
-from qcli.contract import QuantModule
+from qcli.numerics import activations as acts
+from qcli.numerics import layers, thresholds
+from qcli.numerics.metrics import compare
 from qcli.schemes import SCHEMES
 from qcli.tensors import TensorInfo, open_checkpoint
 from tests.conftest import EXAMPLE
@@ -128,7 +131,7 @@ def _edit_q(module: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable
             w = t[name]
             if name.endswith("_packed"):
                 shape = tuple(t[f"{module}.weight_shape"].tolist())
-                t[name] = quant.pack_int8(fn(quant.unpack_int8(w, shape)))
+                t[name] = layout.pack_int8(fn(layout.unpack_int8(w, shape)))
             else:
                 t[name] = fn(w)
 
@@ -178,7 +181,7 @@ def _dense_not_ignored(module: str) -> Callable[[Path], None]:
             scale = t.pop(f"{module}.weight_scale")
             q = t.pop(name)
             if name.endswith("_packed"):
-                q = quant.unpack_int8(q, tuple(t.pop(f"{module}.weight_shape").tolist()))
+                q = layout.unpack_int8(q, tuple(t.pop(f"{module}.weight_shape").tolist()))
             t[f"{module}.weight"] = quant.dequantize(q, scale, torch.bfloat16)
 
         edit_tensors(out, name, edit)
@@ -521,14 +524,14 @@ def test_layers_filter_and_fast(outputs, capsys) -> None:
         "model.layers.1.self_attn.q_proj",
     ]
     head = body["lm_head"]
-    assert head["rows_checked"] == verify.FAST_ROWS and head["tokens"] == list(verify.FAST_TOKENS)
+    assert head["rows_checked"] == layers.FAST_ROWS and head["tokens"] == list(acts.FAST_TOKENS)
 
 
 def test_table_output(outputs, capsys) -> None:
     capsys.readouterr()
     assert main(["verify", str(outputs["W8A8"]), *FAST]) == 0
-    err = capsys.readouterr().err
-    assert "lm_head" in err and "verify: ok" in err and "torch._int_mm" in err
+    out = capsys.readouterr().out  # the report is the result: stdout (`verify X > report.txt`)
+    assert "lm_head" in out and "verify: ok" in out and "torch._int_mm" in out
 
 
 # --- the numbers themselves --------------------------------------------------------------------
@@ -537,13 +540,13 @@ def test_table_output(outputs, capsys) -> None:
 def _module(tmp_path: Path, w: torch.Tensor, scheme: str) -> tuple[QuantModule, TensorInfo]:
     """Quantize `w` into a one-layer file; returns the module and its dense reference."""
     s = SCHEMES[scheme]
-    q, scale = quant.quantize_weight(w, s.kind, torch.float32)
+    q, scale = quant.quantize_weight(w, s.qtype, torch.float32)
     stored = {"m.weight_scale": scale, "m.weight": q, "ref.weight": w}
-    if s.packed:
-        stored["m.weight_packed"] = quant.pack_int8(stored.pop("m.weight"))
+    if s.layout.packed:
+        stored["m.weight_packed"] = layout.pack_int8(stored.pop("m.weight"))
     save_file(stored, tmp_path / "one.safetensors")
     ck = open_checkpoint(tmp_path, require_config=False)
-    weight = ck.tensors["m.weight_packed" if s.packed else "m.weight"]
+    weight = ck.tensors["m.weight_packed" if s.layout.packed else "m.weight"]
     qm = QuantModule("m", None, "group_0", s, weight, ck.tensors["m.weight_scale"], tuple(w.shape))
     return qm, ck.tensors["ref.weight"]
 
@@ -592,19 +595,19 @@ def test_metrics_match_gemm_compare(tmp_path: Path, scheme: str) -> None:
     relative tolerance that one CPU's kernels happen to meet."""
     w = torch.randn(300, 64, generator=torch.Generator().manual_seed(3))
     qm, ref = _module(tmp_path, w, scheme)
-    files = verify._Files()
+    files = layers.Files()
     try:
-        old = verify.BLOCK_ELEMENTS
-        verify.BLOCK_ELEMENTS = 64 * 7  # 7 rows a block: many blocks, a ragged last one
-        r = verify.verify_layer(qm, ref, verify.Options(tokens=(5,)), files)
+        old = layers.BLOCK_ELEMENTS
+        layers.BLOCK_ELEMENTS = 64 * 7  # 7 rows a block: many blocks, a ragged last one
+        r = layers.verify_layer(qm, ref, layers.VerifyOptions(tokens=(5,)), files)
     finally:
-        verify.BLOCK_ELEMENTS = old
+        layers.BLOCK_ELEMENTS = old
         files.close()
-    (x,) = verify.activations("m", 64, (5,))
-    q, s = quant.quantize_weight(w, SCHEMES[scheme].kind, torch.float32)
-    y = verify.run_kernel(SCHEMES[scheme], x, q, s).out
+    (x,) = acts.activations("m", 64, (5,))
+    q, s = quant.quantize_weight(w, SCHEMES[scheme].qtype, torch.float32)
+    y = layers.run_kernel(SCHEMES[scheme], x, q, s).out
     dense = gemm.dense(x, w)
-    want = gemm.compare(y, dense)
+    want = compare(y, dense)
     # W8A8's integer accumulation is exact: only its epilogue and the dense side round.
     kernel_err = _float32_gemm_error(x, quant.dequantize(q, s))
     dy = 3 * 2.0**-24 * y.double().abs() if scheme == "W8A8" else kernel_err
@@ -623,30 +626,34 @@ def test_inexact_kernel_is_blamed_not_the_checkpoint(tmp_path: Path, monkeypatch
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
     qm, ref = _module(tmp_path, w, "W8A8")
 
+    exact_kernel = gemm.w8a8_int8
+
     def saturating(x, q_w, w_scale, check=None):
         xq, xs = gemm.quantize_activations_int8(x)
         acc = gemm.saturating_u8s8_emulation(xq, q_w)
         out = (acc.float() * w_scale.float().reshape(1, -1)) * xs
-        return gemm.GemmRun(out, "saturating int8 (model)", None)
+        # checked as every kernel is: against exact arithmetic on the same operands
+        ref = exact_kernel(x, q_w, w_scale, check=True).reference
+        return gemm.GemmRun(out, "saturating int8 (model)", None, "", ref, gemm.deviation(out, ref))
 
     monkeypatch.setattr(gemm, "w8a8_int8", saturating)
-    files = verify._Files()
+    files = layers.Files()
     try:
-        r = verify.verify_layer(qm, ref, verify.Options(saturation=True), files)
+        r = layers.verify_layer(qm, ref, layers.VerifyOptions(saturation=True), files)
     finally:
         files.close()
-    assert r.kernel_check == "inexact" and r.kernel_dev > verify.KERNEL_TOLERANCE
+    assert r.kernel_check == "inexact" and r.kernel_dev > thresholds.KERNEL_TOLERANCE
     assert r.ok, r.failures
     assert r.saturating_dev is not None and r.saturating_dev > 0
     assert any("not the checkpoint" in n for n in r.notes)
 
 
 def test_activations_are_seeded_with_outliers() -> None:
-    a = verify.activations("layer", 512, (1, 7))
-    b = verify.activations("layer", 512, (1, 7))
+    a = acts.activations("layer", 512, (1, 7))
+    b = acts.activations("layer", 512, (1, 7))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     absmax = a[1].abs().amax(0)
-    assert int((absmax > 8).sum()) >= 512 // verify.OUTLIER_EVERY
+    assert int((absmax > 8).sum()) >= 512 // acts.OUTLIER_EVERY
     assert [x.shape[0] for x in a] == [1, 7]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Annotated
 
 import typer
 
@@ -15,7 +14,14 @@ except ImportError:  # older Typer runs on click itself
     from click import ClickException
 
 from qcli import __version__
-from qcli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, QcliError
+from qcli.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Interrupted,
+    QcliError,
+)
 
 app = typer.Typer(
     name="qcli",
@@ -32,17 +38,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-EXIT_INTERNAL = 4
-
-# Options every command that reads the hub takes, spelled once.
-RevisionOpt = Annotated[
-    str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", envvar="HF_TOKEN", help="Hub token.", show_default=False),
-]
-
 
 def _version(value: bool) -> None:
     if value:
@@ -56,8 +51,8 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """Exit codes: 0 ok; 1 a verify check failed; 2 unusable input or options; 3 writing the
-    output failed; 4 internal error; 130 interrupted."""
+    """Exit codes: 0 ok; 1 a check failed; 2 unusable input or options; 3 writing the output
+    failed; 4 internal error; 130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -71,22 +66,23 @@ def _on_signal(signum: int, frame: object) -> None:
     for sig in _SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if signum == signal.SIGTERM:
-        raise Interrupted("terminated (SIGTERM); partial output removed")
+        raise Interrupted("terminated (SIGTERM); partial output removed", EXIT_TERMINATED)
     raise KeyboardInterrupt
 
 
-def _error(message: str) -> None:
-    from rich.markup import escape
-
-    from qcli import report  # imported only when needed: rich's console costs --help ~25 ms
+def _error(message: str, code: int, argv: list[str]) -> None:
+    # imported only when needed: rich's console costs --help ~25 ms
+    from qcli.cli import output
 
     # Messages quote user input (regexes, tensor and file names from a stranger's checkpoint):
-    # a "[/x]" in them must print as is, not be read as rich markup (which raised a
-    # MarkupError here), and a newline or other control character must not break the one line.
-    one_line = "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message
-    )
-    report.error(escape(one_line))
+    # output.error prints them as text, not rich markup, on one line.
+    output.error(message, code, as_json=_wants_json(argv))
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """--json was asked for (before any "--"): errors then also go out as JSON on stdout."""
+    args = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
     reported = False
     try:
         # Outside standalone mode click returns the code of typer.Exit(code) instead of exiting.
-        rv = app(args=argv, standalone_mode=False, prog_name="qcli")
+        rv = app(args=args, standalone_mode=False, prog_name="qcli")
         code = rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         code = e.exit_code
@@ -115,25 +112,28 @@ def _main(argv: list[str] | None) -> int:
             e.show()
         else:
             hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
-            _error(e.format_message() + hint)
+            code = e.exit_code if e.exit_code else EXIT_BAD_INPUT
+            _error(e.format_message() + hint, code, args)
         code = e.exit_code if e.exit_code else EXIT_BAD_INPUT
         reported = True
     except (KeyboardInterrupt, typer.Abort):
         code = EXIT_INTERRUPTED
     except QcliError as e:
-        _error(str(e))
+        _error(str(e), e.exit_code, args)
         code, reported = e.exit_code, True
     except Exception as e:  # a bug in qcli: still one line, traceback on request
         if os.environ.get("QCLI_DEBUG"):
             raise
         _error(
             f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            " (rerun with QCLI_DEBUG=1 for the traceback)"
+            " (rerun with QCLI_DEBUG=1 for the traceback)",
+            EXIT_INTERNAL,
+            args,
         )
         code, reported = EXIT_INTERNAL, True
     if code == EXIT_INTERRUPTED and not reported:
         # Typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130: say what happened.
-        _error(_INTERRUPTED)
+        _error(_INTERRUPTED, code, args)
     sys.stdout.flush()
     return code
 

@@ -1,14 +1,25 @@
-"""`qcli quantize SRC OUT`."""
+"""`qcli quantize SRC OUT`: parse, call qcli.api.quantize (or dry_run), render."""
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from qcli.cli.app import RevisionOpt, TokenOpt, app
+from qcli.cli.app import app
+from qcli.cli.options import (
+    AllowUnmatchedOpt,
+    DefaultIgnoreOpt,
+    IgnoreOpt,
+    JsonOpt,
+    LmHeadOpt,
+    QuietOpt,
+    RevisionOpt,
+    SchemeOpt,
+    TargetsOpt,
+    TokenOpt,
+    plan_kwargs,
+)
 
 _EXAMPLES = """
 
@@ -30,44 +41,12 @@ Examples:
 def quantize(
     src: Annotated[str, typer.Argument(help="Local checkpoint folder or hub repo id (org/name).")],
     out: Annotated[str, typer.Argument(help="Output folder (must not exist unless --overwrite).")],
-    scheme: Annotated[
-        str, typer.Option("--scheme", "-s", help="W8A8 | W8A16 | FP8_DYNAMIC | FP8 (see README).")
-    ] = "W8A8",
-    targets: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--targets",
-            "-t",
-            help="Module to quantize: exact name, class (Linear), or 're:' regex. Repeatable."
-            " Default: Linear.",
-        ),
-    ] = None,
-    ignore: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--ignore", "-i", help="Module to keep dense (same syntax; wins). Repeatable."
-        ),
-    ] = None,
-    lm_head: Annotated[
-        bool,
-        typer.Option(
-            "--lm-head", help="Quantize lm_head too (named in targets, as vLLM requires)."
-        ),
-    ] = False,
-    default_ignore: Annotated[
-        bool,
-        typer.Option(
-            "--default-ignore/--no-default-ignore",
-            help="Keep lm_head, MoE routers and vision towers dense unless named explicitly.",
-        ),
-    ] = True,
-    allow_unmatched: Annotated[
-        bool,
-        typer.Option(
-            "--allow-unmatched",
-            help="Warn, instead of failing, when a --targets/--ignore entry matches no module.",
-        ),
-    ] = False,
+    scheme: SchemeOpt = None,
+    targets: TargetsOpt = None,
+    ignore: IgnoreOpt = None,
+    lm_head: LmHeadOpt = False,
+    default_ignore: DefaultIgnoreOpt = None,
+    allow_unmatched: AllowUnmatchedOpt = False,
     int8_max: Annotated[
         int,
         typer.Option(
@@ -82,7 +61,10 @@ def quantize(
         str, typer.Option("--max-shard-size", help="Largest output file.")
     ] = "5GB",
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace OUT if it holds only a checkpoint (or qcli's output)."
+        ),
     ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show the plan; write nothing.")
@@ -90,81 +72,111 @@ def quantize(
     workers: Annotated[
         int, typer.Option("--workers", help="Threads (0: one per core, up to 4).")
     ] = 0,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Machine-readable summary on stdout.")
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="A line per tensor, with its size before and after."),
     ] = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")
-    ] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    from qcli import plan as planning
-    from qcli import report, source
+    import qcli
+    from qcli.cli.output import Output
     from qcli.errors import InputError
-    from qcli.schemes import get_scheme
-    from qcli.tensors import open_checkpoint
 
-    opts = planning.Options(
-        scheme=get_scheme(scheme),
-        targets=tuple(targets or ("Linear",)),
-        ignore=tuple(ignore or ()),
-        lm_head=lm_head,
-        default_ignore=default_ignore,
-        allow_unmatched=allow_unmatched,
-        int8_max=int8_max,
+    output = Output(as_json=as_json, quiet=quiet)
+    options = plan_kwargs(
+        scheme, targets, ignore, lm_head, default_ignore, allow_unmatched, int8_max
     )
-    if not out.strip():
-        # an unset $OUT in a script: "" would otherwise mean the working folder
-        raise InputError("OUT is empty (an unset variable?); give the output folder")
-    out_path = Path(out)
-    shard_bytes = planning.parse_size(max_shard_size, "--max-shard-size")
     if workers < 0:
         raise InputError(f"--workers must be 0 (one per core) or more, not {workers}")
+    common = dict(revision=revision, token=token, max_shard_size=max_shard_size, **options)
     if dry_run:
-        # Headers only, before any download: a hub repo's weights are not fetched.
-        from qcli.cli.inspect_cmd import dry_run as show_dry_run
-
-        show_dry_run(src, out_path, opts, revision, token, shard_bytes, overwrite, as_json, quiet)
+        _dry_run(output, qcli.dry_run(src, out, overwrite=overwrite, **common), max_shard_size)
         return
-    src_info = source.resolve(src, revision, token)
-    plan = planning.build(open_checkpoint(src_info.folder), opts)
 
-    from qcli.convert import check_output_path, convert
+    def on_plan(plan) -> None:
+        from qcli.cli.views.plan import plan_lines
 
-    check_output_path(plan, out_path, overwrite)
-    provenance = {
-        "source": src_info.provenance(),
-        "options": {
-            "scheme": opts.scheme.name,
-            "targets": list(opts.targets),
-            "ignore": list(opts.ignore),
-            "lm_head": lm_head,
-            "default_ignore": default_ignore,
-            "allow_unmatched": allow_unmatched,
-            "int8_max": int8_max,
-            "max_shard_size": max_shard_size,
-        },
-    }
-    if not quiet and not as_json:
-        report.print_plan_summary(plan)
-    t0 = time.perf_counter()
-    with report.byte_progress(plan.bytes_in, enabled=not quiet) as advance:
-        result = convert(
-            plan,
-            out_path,
+        for line in plan_lines(plan):
+            output.info(line)
+        for w in plan.warnings:
+            output.warn(w)
+        _shard_note(output, plan, max_shard_size)
+
+    with output.progress("quantize", None) as bar:
+
+        def planned(plan) -> None:
+            bar.update(0, plan.bytes_in)  # the plan knows the total once it is made
+            on_plan(plan)
+
+        def on_tensor(tp) -> None:
+            if verbose:
+                output.info(_tensor_line(tp))
+
+        done = qcli.quantize(
+            src,
+            out,
             overwrite=overwrite,
-            max_shard_size=shard_bytes,
-            provenance=provenance,
-            progress=advance,
             workers=workers or None,
+            progress=bar.advance,
+            on_tensor=on_tensor,
+            on_plan=planned,
+            **common,
         )
-    seconds = time.perf_counter() - t0
-    if as_json:
-        body = report.plan_json(plan, detail=False)
-        body.update(out=str(result.out), files=result.files, seconds=round(seconds, 3))
-        report.emit_json(body)
-    if not quiet:
-        report.console.print(
-            f"[green]wrote[/] {result.out} ({len(result.files)} files,"
-            f" {report.human_bytes(result.bytes_out)}) in {seconds:.1f} s"
-            f" ({report.human_bytes(result.bytes_in / max(seconds, 1e-9))}/s)"
+    output.json(done.to_json())
+    _written(output, done)
+
+
+def _tensor_line(tp) -> str:
+    from rich.markup import escape
+
+    from qcli.cli import fmt
+
+    what = tp.action if tp.quantizer is None else f"quantize {tp.quantizer.qtype}"
+    return (
+        f"{escape(tp.source)}: {what}, {tp.info.dtype}{list(tp.info.shape)}"
+        f" {fmt.size(tp.bytes_in)} → {fmt.size(tp.bytes_out)}"
+    )
+
+
+def _shard_note(output, plan, max_shard_size: str) -> None:
+    from qcli import planner
+    from qcli.cli import fmt
+
+    big = planner.oversized(plan, planner.parse_size(max_shard_size, "--max-shard-size"))
+    if big is not None:
+        output.warn(
+            f"--max-shard-size {max_shard_size} is smaller than the largest tensor"
+            f" ({big.source}, {fmt.size(big.bytes_out)} written): a tensor that does not fit"
+            " gets a shard of its own, larger than the limit"
         )
+
+
+def _written(output, done) -> None:
+    from rich.markup import escape
+
+    from qcli.cli import fmt
+
+    w = done.written
+    output.result(
+        f"[green]wrote[/] {escape(str(w.out))}: {fmt.plural(len(w.files), 'file')},"
+        f" {fmt.size(w.bytes_out)} in {w.seconds:.1f} s ({fmt.rate(w.bytes_in, w.seconds)})",
+        f"lm_head: [bold]{done.plan.lm_head}[/] — {escape(done.plan.head.summary())}",
+    )
+
+
+def _dry_run(output, dry, max_shard_size: str) -> None:
+    from rich.markup import escape
+
+    from qcli.cli.views.plan import show_plan
+
+    output.json(dry.to_json())
+    output.result(f"[bold]{escape(dry.label)}[/] → {escape(str(dry.out))}")
+    show_plan(output, dry.plan, table=True)
+    _shard_note(output, dry.plan, max_shard_size)
+    for n in dry.problems:
+        output.warn(n)
+    output.result(
+        f"[dim]dry run: nothing written (would write {len(dry.files)} weight file"
+        f"{'s' if len(dry.files) != 1 else ''} to {escape(str(dry.out))})[/]"
+    )

@@ -24,11 +24,11 @@ from transformers import AutoConfig  # noqa: E402
 from transformers.core_model_loading import revert_weight_conversion  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+from qcli.heads import tied_embeddings  # noqa: E402
 from qcli.kinds import (  # noqa: E402
     UnsupportedArchitecture,
     classify,
     fused_groups,
-    tied_embeddings,
 )
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}

@@ -89,7 +89,8 @@ def _decompress_all(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _check(src: Path, out: Path, scheme: str, lm_head: bool, tied: bool, capfd) -> None:
-    from qcli.quant import quant_error_ratio, unpack_int8
+    from qcli.layout import unpack_int8
+    from qcli.quant import quant_error_ratio
 
     cfg = load_config(out)
     qc = cfg["quantization_config"]

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from qcli import plan as planning
+from qcli import planner
 from qcli.cli.app import app
 from qcli.convert import convert
 from qcli.errors import EXIT_BAD_INPUT, CheckpointError, InputError
@@ -354,7 +354,7 @@ def test_random_plans_never_yield_a_rejected_checkpoint(
     capsys,
 ) -> None:
     src = plan_sources[tied]
-    opts = planning.Options(
+    opts = planner.PlanOptions(
         scheme=get_scheme(scheme),
         targets=tuple(targets),
         ignore=tuple(ignore),
@@ -363,7 +363,7 @@ def test_random_plans_never_yield_a_rejected_checkpoint(
         allow_unmatched=True,  # unmatched entries have their own test: explore further here
     )
     try:
-        plan = planning.build(open_checkpoint(src), opts)
+        plan = planner.build(open_checkpoint(src), opts)
     except InputError as e:  # PlanError and CheckpointError are InputErrors too
         assert "\n" not in str(e)
         event(f"refused: {type(e).__name__}")

@@ -83,3 +83,59 @@ def test_overwrite_through_a_symlink_never_touches_the_target(tmp_path: Path, ca
     assert code == 0, err
     assert (target / "thesis.tex").read_text() == "mine"
     assert not os.path.islink(tmp_path / "out")
+
+
+# --- a weight is never dropped silently -------------------------------------------------------
+
+
+def _shard_without_index_entry(tmp: Path, name: str, alone: bool) -> Path:
+    """A two-shard source whose index leaves out `name`; with `alone`, `name` sits in a third
+    shard of its own, which the index then does not name at all."""
+    from safetensors.torch import load_file, save_file
+
+    src = _src(tmp)
+    tensors = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    rest = sorted(n for n in tensors if n != name or not alone)
+    half = len(rest) // 2
+    wmap = {}
+    for i, part in enumerate((rest[:half], rest[half:])):
+        fname = f"model-{i + 1:05d}-of-00003.safetensors"
+        save_file({n: tensors[n] for n in part}, src / fname, metadata={"format": "pt"})
+        wmap.update(dict.fromkeys(part, fname))
+    if alone:
+        save_file({name: tensors[name]}, src / "model-00003-of-00003.safetensors")
+    wmap.pop(name, None)
+    index = {"metadata": {}, "weight_map": wmap}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return src
+
+
+def test_a_tensor_the_index_leaves_out_is_kept_and_named(tmp_path: Path, capsys):
+    """An untied model lost its lm_head: it sat in a shard but not in the index."""
+    src = _shard_without_index_entry(tmp_path, "lm_head.weight", alone=False)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "quantize", src, out, "--lm-head")
+    assert code == 0, err
+    assert "lm_head.weight" in err and "does not list" in err  # a warning, on stderr
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:  # a small model: one output file
+        assert {"lm_head.weight", "lm_head.weight_scale"} <= set(f.keys())
+    code, _, err = run_cli(capsys, "verify", out)
+    assert code == 0, err
+
+
+def test_untied_model_without_lm_head_is_refused(tmp_path: Path, capsys):
+    """The lm_head alone in a shard that the index does not name: no lm_head is readable, and
+    an untied config then loads with a random one."""
+    src = _shard_without_index_entry(tmp_path, "lm_head.weight", alone=True)
+    before = tree_state(tmp_path)
+    code, _, err = run_cli(capsys, "quantize", src, tmp_path / "out", "-q")
+    assert code == 2
+    assert_one_line_error(err, "tie_word_embeddings: false", "no lm_head")
+    assert tree_state(tmp_path) == before
+    # inspect says why too, and names the shard the index skips
+    code, stdout, err = run_cli(capsys, "inspect", src)
+    assert "model-00003-of-00003.safetensors is not named" in stdout + err
+    assert "no lm_head weight" in stdout + err

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qcli import plan as planning
+from qcli import planner
 from qcli.errors import EXIT_BAD_INPUT, EXIT_OUTPUT_FAILED
 from qcli.schemes import get_scheme
 from qcli.tensors import INDEX_NAME, open_checkpoint
@@ -685,12 +685,12 @@ def _page(n: int) -> int:
 
 def _shard_sizes(src: Path, max_shard: int) -> list[int]:
     """Exact sizes of the shards qcli will write (header + data), to size a tmpfs by."""
-    from qcli.tensors import encode_header, layout
+    from qcli.shards import encode_header, order
 
-    plan = planning.build(open_checkpoint(src), planning.Options(scheme=get_scheme("W8A8")))
+    plan = planner.build(open_checkpoint(src), planner.PlanOptions(scheme=get_scheme("W8A8")))
     sizes = []
-    for _, tps in planning.shard_layout(plan, max_shard):
-        slots = layout(s for tp in tps for s in tp.outputs)
+    for _, tps in planner.shard_layout(plan, max_shard):
+        slots = order(s for tp in tps for s in tp.outputs)
         head, _ = encode_header(slots, {"format": "pt"})
         sizes.append(len(head) + sum(s.nbytes for s in slots))
     return sizes

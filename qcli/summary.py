@@ -1,64 +1,28 @@
 """What a checkpoint holds, from its headers and config alone: no torch, no tensor data.
 
 `qcli inspect` and `qcli quantize --dry-run` read a checkpoint through here. For a dense
-checkpoint the summary comes with the plan a quantize run would execute (qcli.plan, the same
+checkpoint the summary comes with the plan a quantize run would execute (qcli.planner, the same
 decisions); for a quantized one, with what its quantization_config and tensors say it is, and
 the contract findings that `verify` reports without running any numbers (qcli.contract).
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcli import contract as contract_checks
-from qcli import kinds, rules
-from qcli.contract import Contract
-from qcli.errors import InputError, QcliError
+from qcli import checks, heads, kinds, layout
+from qcli.checks import Contract
+from qcli.errors import QcliError
+from qcli.rules import Matcher
 from qcli.schemes import scheme_from_group
-from qcli.tensors import DTYPES, Checkpoint, TensorInfo, natural_key, open_checkpoint
+from qcli.source import Opened
+from qcli.tensors import DTYPES, Checkpoint, TensorInfo, natural_key
 
-# Tensors that only describe how a quantized weight is stored: not model parameters.
-QUANT_AUX_SUFFIXES = (".weight_scale", ".weight_zero_point", ".weight_shape", ".input_scale")
 # config.json's torch dtype names -> safetensors dtype names
 _CONFIG_DTYPES = {torch_name: st for st, (_, torch_name) in DTYPES.items()}
-_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
-
-
-@dataclass
-class Opened:
-    """A checkpoint and where it came from (for people, scripts and provenance)."""
-
-    checkpoint: Checkpoint
-    source: dict[str, Any]
-    label: str  # what to call it on screen
-
-
-def open_source(spec: str, revision: str | None = None, token: str | None = None) -> Opened:
-    """A local folder, or a hub repo id read without its weights (qcli.hub)."""
-    from qcli import source as sources
-
-    path = Path(spec).expanduser()
-    if path.exists():
-        if revision:
-            raise InputError("--revision applies to hub repo ids, not local folders")
-        ck = open_checkpoint(path)
-        return Opened(ck, {"path": str(path.resolve())}, str(path))
-    if not sources.looks_like_repo_id(spec):
-        raise InputError(f"{spec}: no such folder, and not a hub repo id (org/name)")
-    from qcli import hub
-
-    h = hub.open_repo(spec, revision, token)
-    src = {
-        "repo_id": h.repo_id,
-        "revision": h.commit,
-        "headers_fetched": h.remote_files,
-        "headers_cached": h.cached_files,
-    }
-    return Opened(h.checkpoint, src, f"{h.repo_id}@{h.commit[:12]}")
 
 
 # --- the summary -----------------------------------------------------------------------
@@ -136,13 +100,11 @@ class Summary:
         scales and shapes describe storage, not the model."""
         out: Counter[str] = Counter()
         for t in self.tensors:
-            if t.name.endswith(QUANT_AUX_SUFFIXES):
+            if layout.is_aux(t.name):
                 continue
-            n = _numel(t.shape)
-            if t.name.endswith(".weight_packed"):
-                out["I8 (packed in I32)"] += 4 * n
-            else:
-                out[t.dtype] += n
+            n = layout.dense_numel(t.name, t.shape)
+            packed = t.name.rpartition(".")[2] == layout.PACKED
+            out["I8 (packed in I32)" if packed else t.dtype] += n
         return dict(out)
 
     def files(self) -> list[dict[str, Any]]:
@@ -160,6 +122,81 @@ class Summary:
 
     def kind_counts(self) -> dict[str, int]:
         return dict(Counter(_kind_label(m.kind, m.role) for m in self.modules.values() if m.weight))
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as data: every tensor and every module, lm_head and embeddings included."""
+        s = self
+        q = s.quantization
+        body: dict[str, Any] = {
+            "source": s.source,
+            "architectures": s.architectures,
+            "model_type": s.model_type,
+            "quantized": s.quantized,
+            "parameters": sum(s.parameters().values()),
+            "parameters_by_dtype": s.parameters(),
+            "dtypes": sorted({t.dtype for t in s.tensors}),
+            "bytes": s.bytes,
+            "sharded": s.checkpoint.sharded,
+            "files": s.files(),
+            "tied_embeddings": s.tied_embeddings,
+            "kinds": s.kind_counts(),
+            "kinds_error": s.kinds_error,
+            "warnings": s.warnings,
+            "modules": [
+                {
+                    "name": m.name,
+                    "kind": m.kind,
+                    "role": m.role,
+                    "weight": m.weight,
+                    "shape": list(s.checkpoint.tensors[m.weight].shape) if m.weight else None,
+                    "dtype": s.checkpoint.tensors[m.weight].dtype if m.weight else None,
+                    "tensors": list(m.tensors),
+                }
+                for m in sorted(s.modules.values(), key=lambda m: natural_key(m.name))
+            ],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "bytes": t.nbytes,
+                    "file": t.file,
+                    "module": t.module,
+                    "kind": t.kind,
+                    "role": t.role,
+                }
+                for t in s.tensors
+            ],
+        }
+        if q is not None:
+            body["quantization"] = {
+                "quant_method": q.method,
+                "format": q.format,
+                "quantization_status": q.status,
+                "groups": [
+                    {
+                        "name": g.name,
+                        "scheme": g.scheme,
+                        "format": g.format,
+                        "targets": g.targets,
+                        "weights": g.weights,
+                        "input_activations": g.input_activations,
+                        "modules": len(g.modules),
+                    }
+                    for g in q.groups
+                ],
+                "ignore": q.ignore,
+                "quantized_modules": q.quantized,
+                "dense_linear_modules": q.dense_linear,
+                "unmatched_modules": q.unmatched,
+                "lm_head": q.lm_head,
+                "dense_dtype": q.dense_dtype,
+                "dense_bytes_estimate": q.dense_bytes,
+                "compression_ratio": round(q.ratio(s.bytes), 3),
+                "contract": q.contract.to_json() if q.contract else None,
+                "contract_error": q.contract_error,
+            }
+        return body
 
 
 def summarize(opened: Opened, contract: bool = True) -> Summary:
@@ -201,7 +238,7 @@ def summarize(opened: Opened, contract: bool = True) -> Summary:
         config.get("model_type"),
         rows,
         modules,
-        kinds.tied_embeddings(config),
+        heads.tied_embeddings(config),
         kinds_error,
         None,
         list(ck.warnings),
@@ -212,8 +249,8 @@ def summarize(opened: Opened, contract: bool = True) -> Summary:
 
 
 def is_quantized(ck: Checkpoint) -> bool:
-    """Claims quantization in config.json, or holds quantized tensors (contract's test)."""
-    return contract_checks.is_quantized(ck)
+    """Claims quantization in config.json, or holds quantized tensors (the checks' test)."""
+    return checks.is_quantized(ck)
 
 
 def _quantization(s: Summary, contract: bool) -> Quantization:
@@ -238,27 +275,27 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
             )
         )
 
-    scaled = {n.removesuffix(".weight_scale") for n in ck.tensors if n.endswith(".weight_scale")}
+    scale = f".{layout.SCALE}"
+    scaled = {n.removesuffix(scale) for n in ck.tensors if n.endswith(scale)}
     # A module with a weight_scale is stored quantized, whatever kind the names suggest.
     quantized = sorted(scaled, key=natural_key)
-    linear = [m for m in s.modules.values() if m.kind in ("Linear", "Conv1D")]
+    linear = [m for m in s.modules.values() if m.kind in (kinds.LINEAR, kinds.CONV1D)]
     dense_linear = sorted((m.name for m in linear if m.name not in scaled), key=natural_key)
+    by_name = {g.name: g for g in groups}
+    matcher = Matcher({g.name: g.targets for g in groups}, ignore)
     unmatched = []
     for name in quantized:
         m = s.modules.get(name)
-        kind = m.kind if m else "Linear"
-        group = next(
-            (g for g in groups if rules.first_match(g.targets, name, kind) is not None), None
-        )
-        if group is None or rules.first_match(ignore, name, kind) is not None:
+        hit = matcher.match(name, m.kind if m else kinds.LINEAR)
+        if hit is None or hit.group is None:
             unmatched.append(name)
         else:
-            group.modules.append(name)
+            by_name[hit.group].modules.append(name)
 
-    heads = [m.name for m in s.modules.values() if m.role == "lm_head"]
-    if heads:
-        lm_head = "quantized" if heads[0] in scaled else "dense"
-    elif s.tied_embeddings:
+    head = heads.resolve(s.modules, config, {n: (t.dtype, t.shape) for n, t in ck.tensors.items()})
+    if head.on_disk:
+        lm_head = "quantized" if head.name in scaled else "dense"
+    elif head.virtual:
         lm_head = "tied (dense)"
     else:
         lm_head = "absent"
@@ -267,11 +304,10 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
     dense_bytes = 0
     for name, t in ck.tensors.items():
         module, _, leaf = name.rpartition(".")
-        if name.endswith(QUANT_AUX_SUFFIXES):
+        if layout.is_aux(name):
             continue
-        if module in scaled and leaf in ("weight", "weight_packed") and dense_dtype:
-            numel = _numel(t.shape) * (4 if leaf == "weight_packed" else 1)
-            dense_bytes += numel * DTYPES[dense_dtype][0]
+        if module in scaled and leaf in (layout.WEIGHT, layout.PACKED) and dense_dtype:
+            dense_bytes += layout.dense_numel(name, t.shape) * DTYPES[dense_dtype][0]
         else:
             dense_bytes += t.nbytes
 
@@ -302,7 +338,7 @@ def _contract(ck: Checkpoint) -> tuple[Contract | None, str | None]:
             " downloaded copy"
         )
     try:
-        return contract_checks.check(ck), None
+        return checks.check(ck), None
     except QcliError as e:
         return None, str(e)
 
@@ -320,16 +356,9 @@ def _config_dtype(config: dict[str, Any]) -> str | None:
 
 def _scale_dtype(ck: Checkpoint) -> str | None:
     for n, t in ck.tensors.items():
-        if n.endswith(".weight_scale") and t.dtype in ("BF16", "F16", "F32"):
+        if n.endswith(f".{layout.SCALE}") and t.dtype in layout.SCALE_DTYPES:
             return t.dtype
     return None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _file_size(path: Path, tensors: list[TensorInfo]) -> int:
@@ -341,7 +370,7 @@ def _file_size(path: Path, tensors: list[TensorInfo]) -> int:
 
 
 # Roles worth a word next to the kind: they change what quantize does by default.
-_SHOWN_ROLES = ("lm_head", "router", "vision", "audio", "expert")
+_SHOWN_ROLES = ("lm_head", "router", "vision", "audio", "expert", "classifier")
 
 
 def _kind_label(kind: str, role: str | None) -> str:
@@ -351,136 +380,3 @@ def _kind_label(kind: str, role: str | None) -> str:
 def kind_label(row: TensorRow) -> str:
     """e.g. "Linear", "Linear (lm_head)", "Embedding", "Norm"."""
     return _kind_label(row.kind, row.role)
-
-
-# --- collapsing repeated layers --------------------------------------------------------
-
-
-def layer_pattern(name: str) -> str:
-    """The name with its layer / expert indices replaced by ``*``: one row per repeated part."""
-    return _LAYER_INDEX.sub("*", name)
-
-
-@dataclass
-class Collapsed:
-    pattern: str  # e.g. "model.layers.*.mlp.experts.*.w1.weight"
-    names: list[str]
-    indices: str  # the first index's values, e.g. "0-31,40"; "" for a unique tensor
-    layers: int = 1  # how many distinct first-index values
-
-    @property
-    def label(self) -> str:
-        """e.g. "model.layers.{0-31}.mlp.down_proj.weight", "….experts.*.w1.weight ×256"."""
-        if not self.indices:
-            return self.pattern
-        label = self.pattern.replace("*", "{" + self.indices + "}", 1)
-        return label if len(self.names) == self.layers else f"{label} ×{len(self.names)}"
-
-
-def collapse(names: list[str]) -> list[Collapsed]:
-    """Group tensor names that differ only in layer indices, in first-seen order."""
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(layer_pattern(n), []).append(n)
-    out = []
-    for pattern, members in groups.items():
-        if len(members) == 1:
-            out.append(Collapsed(members[0], members, ""))
-            continue
-        # members differ in some index; the first one (the layer) is the one people scan for
-        first = {int(m.group()) for n in members if (m := _LAYER_INDEX.search(n))}
-        out.append(Collapsed(pattern, members, _ranges(sorted(first)), len(first)))
-    return out
-
-
-def _ranges(values: list[int]) -> str:
-    parts, start, prev = [], None, None
-    for v in values:
-        if start is None:
-            start = prev = v
-        elif v == prev + 1:
-            prev = v
-        else:
-            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-            start = prev = v
-    if start is not None:
-        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ",".join(parts)
-
-
-# --- JSON ------------------------------------------------------------------------------
-
-
-def summary_json(s: Summary) -> dict[str, Any]:
-    """The summary as data: every tensor and every module, lm_head and embeddings included."""
-    q = s.quantization
-    body: dict[str, Any] = {
-        "source": s.source,
-        "architectures": s.architectures,
-        "model_type": s.model_type,
-        "quantized": s.quantized,
-        "parameters": sum(s.parameters().values()),
-        "parameters_by_dtype": s.parameters(),
-        "dtypes": sorted({t.dtype for t in s.tensors}),
-        "bytes": s.bytes,
-        "sharded": s.checkpoint.sharded,
-        "files": s.files(),
-        "tied_embeddings": s.tied_embeddings,
-        "kinds": s.kind_counts(),
-        "kinds_error": s.kinds_error,
-        "warnings": s.warnings,
-        "modules": [
-            {
-                "name": m.name,
-                "kind": m.kind,
-                "role": m.role,
-                "weight": m.weight,
-                "shape": list(s.checkpoint.tensors[m.weight].shape) if m.weight else None,
-                "dtype": s.checkpoint.tensors[m.weight].dtype if m.weight else None,
-                "tensors": list(m.tensors),
-            }
-            for m in sorted(s.modules.values(), key=lambda m: natural_key(m.name))
-        ],
-        "tensors": [
-            {
-                "name": t.name,
-                "dtype": t.dtype,
-                "shape": list(t.shape),
-                "bytes": t.nbytes,
-                "file": t.file,
-                "module": t.module,
-                "kind": t.kind,
-                "role": t.role,
-            }
-            for t in s.tensors
-        ],
-    }
-    if q is not None:
-        body["quantization"] = {
-            "quant_method": q.method,
-            "format": q.format,
-            "quantization_status": q.status,
-            "groups": [
-                {
-                    "name": g.name,
-                    "scheme": g.scheme,
-                    "format": g.format,
-                    "targets": g.targets,
-                    "weights": g.weights,
-                    "input_activations": g.input_activations,
-                    "modules": len(g.modules),
-                }
-                for g in q.groups
-            ],
-            "ignore": q.ignore,
-            "quantized_modules": q.quantized,
-            "dense_linear_modules": q.dense_linear,
-            "unmatched_modules": q.unmatched,
-            "lm_head": q.lm_head,
-            "dense_dtype": q.dense_dtype,
-            "dense_bytes_estimate": q.dense_bytes,
-            "compression_ratio": round(q.ratio(s.bytes), 3),
-            "contract": q.contract.to_json() if q.contract else None,
-            "contract_error": q.contract_error,
-        }
-    return body

@@ -1,0 +1,276 @@
+"""qcli's Python API: what the command line runs, for notebooks and pipelines.
+
+Each function returns the objects the CLI's JSON output is made from (``.to_json()``) and
+raises typed errors (qcli.errors: InputError, PlanError, OutputError, ...; each carries the
+exit code the CLI uses). Nothing here prints.
+
+    import qcli
+
+    plan = qcli.plan("./Llama-3.2-1B", scheme="W8A8", lm_head=True)   # headers only
+    done = qcli.quantize("./Llama-3.2-1B", "./Llama-3.2-1B-W8A8", lm_head=True)
+    report = qcli.verify("./Llama-3.2-1B-W8A8")                      # report.ok
+    info = qcli.inspect("./Llama-3.2-1B-W8A8")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qcli import outdir, planner, rules, source
+from qcli.errors import InputError, QcliError
+from qcli.planner import Plan, PlanOptions
+from qcli.schemes import get_scheme
+
+if TYPE_CHECKING:
+    from qcli.convert import Result
+    from qcli.numerics import Report
+    from qcli.summary import Summary
+
+
+def plan_options(
+    scheme: str = "W8A8",
+    *,
+    lm_head: bool = False,
+    targets: Sequence[str] | None = None,
+    ignore: Sequence[str] | None = None,
+    default_ignore: bool = True,
+    allow_unmatched: bool = False,
+    int8_max: int = 127,
+) -> PlanOptions:
+    return PlanOptions(
+        scheme=get_scheme(scheme),
+        targets=tuple(targets or rules.DEFAULT_TARGETS),
+        ignore=tuple(ignore or ()),
+        lm_head=lm_head,
+        default_ignore=default_ignore,
+        allow_unmatched=allow_unmatched,
+        int8_max=int8_max,
+    )
+
+
+def plan(
+    src: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    **options: Any,
+) -> Plan:
+    """What quantize would do, from headers alone (a hub repo's weights are not downloaded).
+
+    `options`: those of :func:`plan_options` (scheme, lm_head, targets, ignore, ...)."""
+    opened = source.open_headers(str(src), revision, token)
+    return planner.build(opened.checkpoint, plan_options(**options))
+
+
+@dataclass
+class QuantizeResult:
+    """A finished quantize run: the plan it executed and what it wrote."""
+
+    plan: Plan
+    written: Result
+    source: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        body = self.plan.to_json(detail=False)
+        body.update(
+            source=self.source,
+            out=str(self.written.out),
+            files=self.written.files,
+            bytes_written=self.written.bytes_out,
+            seconds=round(self.written.seconds, 3),
+        )
+        return body
+
+
+def quantize(
+    src: str | Path,
+    out: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    workers: int | None = None,
+    progress: Callable[[int, str], None] | None = None,
+    on_tensor: Callable[[planner.TensorPlan], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    **options: Any,
+) -> QuantizeResult:
+    """Quantize checkpoint `src` (a folder or hub repo id) into the folder `out`, atomically.
+
+    `options`: those of :func:`plan_options`. `progress(bytes, tensor)` is called as source
+    bytes are done, `on_tensor(tensor_plan)` as each tensor is complete, `on_plan(plan)` once
+    the plan is made, before any weight is read."""
+    from qcli.convert import convert
+
+    out = _out_path(out)
+    shard_bytes = _shard_bytes(max_shard_size)
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be 0 (one per core) or more, not {workers}")
+    opts = plan_options(**options)
+    src_info = source.resolve(str(src), revision, token)
+    made = planner.build(source.open_checkpoint(src_info.folder), opts)
+    outdir.check(made.checkpoint.folder, out, overwrite)
+    if on_plan:
+        on_plan(made)
+    record = {
+        "source": src_info.provenance(),
+        "options": {
+            "scheme": opts.scheme.name,
+            "targets": list(opts.targets),
+            "ignore": list(opts.ignore),
+            "lm_head": opts.lm_head,
+            "default_ignore": opts.default_ignore,
+            "allow_unmatched": opts.allow_unmatched,
+            "int8_max": opts.int8_max,
+            "max_shard_size": str(max_shard_size),
+        },
+    }
+    written = convert(
+        made,
+        out,
+        overwrite=overwrite,
+        max_shard_size=shard_bytes,
+        provenance=record,
+        progress=progress,
+        on_tensor=on_tensor,
+        workers=workers,
+    )
+    return QuantizeResult(made, written, src_info.provenance())
+
+
+def _out_path(out: str | Path) -> Path:
+    if not str(out).strip():
+        # an unset $OUT in a script: "" would otherwise mean the working folder
+        raise InputError("OUT is empty (an unset variable?); give the output folder")
+    return Path(out)
+
+
+def _shard_bytes(max_shard_size: str | int) -> int:
+    if isinstance(max_shard_size, int):
+        if max_shard_size <= 0:
+            raise InputError("--max-shard-size: the size must be positive")
+        return max_shard_size
+    return planner.parse_size(max_shard_size, "--max-shard-size")
+
+
+@dataclass
+class DryRun:
+    """What `quantize --dry-run` shows: the plan, the files, and why the run would stop."""
+
+    plan: Plan
+    source: dict[str, Any]
+    label: str
+    out: Path
+    files: list[str]
+    problems: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        body = self.plan.to_json()
+        body.update(
+            source=self.source,
+            out=str(self.out),
+            files=self.files,
+            dry_run=True,
+            output_problems=self.problems,
+        )
+        return body
+
+
+def dry_run(
+    src: str | Path,
+    out: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    **options: Any,
+) -> DryRun:
+    """The plan quantize would execute, from headers (no weights read or downloaded)."""
+    out = _out_path(out)
+    shard_bytes = _shard_bytes(max_shard_size)
+    opened = source.open_headers(str(src), revision, token)
+    made = planner.build(opened.checkpoint, plan_options(**options))
+    files = [name for name, _ in planner.shard_layout(made, shard_bytes)]
+    problems = []
+    try:
+        outdir.check(made.checkpoint.folder, out, overwrite)
+    except QcliError as e:  # the real run would stop here: say so, but the preview stands
+        problems.append(f"quantize would stop: {e}")
+    return DryRun(made, opened.source, opened.label, out, files, problems)
+
+
+@dataclass
+class Inspection:
+    """What `qcli inspect` shows: the checkpoint, and the plan a quantize run would make."""
+
+    summary: Summary
+    plan: Plan | None
+    plan_error: str | None
+    explicit: bool  # options were given (a plan that cannot be made is then an error)
+
+    def to_json(self) -> dict[str, Any]:
+        body = self.summary.to_json()
+        body["plan"] = self.plan.to_json() if self.plan else None
+        body["plan_error"] = self.plan_error
+        return body
+
+
+def inspect(
+    src: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    **options: Any,
+) -> Inspection:
+    """A checkpoint's summary from its headers (dense or quantized), and for a dense one (or
+    when `options` are given) the plan quantize would execute."""
+    from qcli import summary
+
+    opts = plan_options(**options)  # a bad option fails before anything is read
+    opened = source.open_headers(str(src), revision, token)
+    found = summary.summarize(opened)
+    explicit = bool(options)
+    made, error = None, None
+    if not found.quantized or explicit:
+        try:
+            made = planner.build(opened.checkpoint, opts)
+        except QcliError as e:
+            error = str(e)
+    return Inspection(found, made, error, explicit)
+
+
+def verify(
+    path: str | Path,
+    *,
+    reference: str | None = None,
+    use_provenance: bool = True,
+    layers: str | None = None,
+    fast: bool = False,
+    tokens: Sequence[int] = (1, 7, 64),
+    seed: int = 0,
+    token: str | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    e2e: bool = False,
+) -> Report:
+    """Contract checks and every quantized layer's GEMM against the dense layer.
+
+    `reference`: the dense source (folder or repo id); by default the source recorded in
+    qcli_provenance.json when it can still be read. Returns the Report (``.ok``)."""
+    from qcli.numerics import VerifyOptions, verify_checkpoint
+
+    opts = VerifyOptions(tokens=tuple(tokens), fast=fast, seed=seed)
+    return verify_checkpoint(
+        Path(path),
+        reference=reference,
+        use_provenance=use_provenance,
+        layers=layers,
+        options=opts,
+        run_e2e=e2e,
+        token=token,
+        progress=progress,
+    )

@@ -1,0 +1,259 @@
+"""The written config turned back into decisions, compared with the tensors on disk.
+
+The read side mirrors the planner: the same module kinds (qcli.kinds), the same lm_head and
+tie resolution (qcli.heads), the same matcher (qcli.rules, compressed-tensors' order) and the
+same per-format layout (qcli.layout). For every Linear module the config decides "quantized
+by group G" or "dense"; the tensors must say the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from qcli import heads, kinds, layout
+from qcli.checks.config import Group
+from qcli.checks.findings import ERROR, NAN_LOGITS, READ_AS_FLOAT, WARNING, Contract, LmHead
+from qcli.checks.tensors import check_quantized_module
+from qcli.heads import Head
+from qcli.rules import Matcher
+from qcli.tensors import Checkpoint, TensorInfo
+
+# vLLM builds lm_head as ParallelLMHead: class `Linear` does not match it (format.md).
+VLLM_HEAD_CLASS = "ParallelLMHead"
+# What transformers 5.24 does with int-quantized MoE experts (tests/interop checks it).
+INT8_EXPERTS = (
+    "transformers 5.24 with compressed-tensors 0.20 cannot load int8 (W8A8) MoE experts;"
+    " vLLM loads them on GPUs and on CPUs with AMX (its CPU build has no int8 MoE kernel"
+    " otherwise)"
+)
+
+
+class Reading:
+    """Which group of a written config quantizes each module, as a loader decides it."""
+
+    def __init__(self, groups: Sequence[Group], ignore: Sequence[str]):
+        self.groups = {g.name: g for g in groups}
+        self.matcher = Matcher({g.name: g.targets for g in groups}, ignore)
+
+    def group(self, name: str, cls: str = kinds.LINEAR) -> Group | None:
+        hit = self.matcher.match(name, cls)
+        return self.groups[hit.group] if hit is not None and hit.group is not None else None
+
+    def ignored(self, name: str) -> bool:
+        """Targeted, and kept dense by an ignore entry."""
+        m = self.matcher
+        return (
+            m.target(name, kinds.LINEAR) is not None and m.ignored(name, kinds.LINEAR) is not None
+        )
+
+
+def check_modules(
+    ck: Checkpoint,
+    config: Mapping[str, Any],
+    modules: Mapping[str, kinds.Module],
+    groups: list[Group],
+    ignore: list[str],
+    result: Contract,
+) -> None:
+    """Every module's stored state against the config's decision for it."""
+    tensors = ck.tensors
+    reading = Reading(groups, ignore)
+    head = heads.resolve(modules, config, {n: (t.dtype, t.shape) for n, t in tensors.items()})
+    linear = [m for m in modules.values() if m.kind == kinds.LINEAR and m.weight]
+    selected = {m.name: reading.group(m.name) for m in linear}
+    int8_experts = []
+    for m in linear:
+        g = selected[m.name]
+        on_disk = layout.state(m.name, tensors)
+        if g is None:
+            if on_disk != "dense":
+                why = "is in ignore" if reading.ignored(m.name) else "is not targeted"
+                result.add(
+                    "tensors.outside_targets",
+                    _subject(m.name, tensors),
+                    f"stored quantized, but the module {why}",
+                    READ_AS_FLOAT,
+                )
+            else:
+                result.dense_linear.append(m.name)
+            continue
+        if on_disk == "dense":
+            result.add(
+                "tensors.dense_not_ignored",
+                f"{m.name}.weight",
+                f"left dense ({tensors[m.weight].dtype}) but matched by {g.name} and not in ignore",
+                NAN_LOGITS,
+            )
+            continue
+        if m.role == "expert" and g.format == "int-quantized" and g.layout is not None:
+            int8_experts.append(m.name)
+        qm = check_quantized_module(m, g, tensors, result)
+        if qm is not None:
+            result.modules.append(qm)
+    if int8_experts:
+        result.add(
+            "tensors.expert",
+            int8_experts[0].rpartition(".experts.")[0] or int8_experts[0],
+            f"{len(int8_experts)} MoE expert projection(s) stored int8 (W8A8), e.g."
+            f" {int8_experts[0]}",
+            INT8_EXPERTS,
+            WARNING,
+        )
+    _check_non_linear(modules, tensors, result)
+    _check_targets(groups, linear, head, result)
+    result.lm_head = _check_lm_head(head, tensors, groups, reading, selected, result)
+    if head.virtual and result.lm_head and not result.lm_head.transformers:
+        result.dense_linear.append(head.name)
+    _check_fused(selected, result)
+    if not any(g is not None for g in selected.values()):
+        result.add(
+            "config.targets",
+            "quantization_config",
+            "no Linear module is quantized (every target is ignored or matches nothing)",
+            "the checkpoint runs dense; the quantization config only costs load time",
+            WARNING,
+        )
+
+
+def _check_non_linear(
+    modules: Mapping[str, kinds.Module], tensors: Mapping[str, TensorInfo], result: Contract
+) -> None:
+    for m in modules.values():
+        if m.kind == kinds.LINEAR and m.weight:
+            continue
+        stray = [t for t in m.tensors if layout.is_quant_tensor(t, tensors[t].dtype)]
+        if stray and m.weight is None:
+            result.add(
+                "tensors.layout",
+                stray[0],
+                f"{m.name} has quantization tensors but no weight or weight_packed",
+                "the model fails to load (a missing weight)",
+            )
+        elif stray:
+            result.add(
+                "tensors.outside_targets",
+                stray[0],
+                f"a quantized tensor of {m.name or 'the model root'} ({m.kind}), which no"
+                " loader quantizes",
+                READ_AS_FLOAT
+                if stray[0].endswith(".weight")
+                else "loaders reject it as an unexpected key or ignore it",
+            )
+
+
+def _check_targets(
+    groups: Sequence[Group], linear: Sequence[kinds.Module], head: Head, result: Contract
+) -> None:
+    pairs = [(m.name, kinds.LINEAR) for m in linear] + [(m.name, VLLM_HEAD_CLASS) for m in linear]
+    if head.virtual:
+        pairs += [(head.name, kinds.LINEAR), (head.name, VLLM_HEAD_CLASS)]
+    for g in groups:
+        for t in Matcher(list(g.targets)).unmatched_targets(pairs):
+            result.add(
+                "config.targets",
+                f"{g.name}.targets",
+                f"{t!r} matches no Linear module",
+                "loaders quantize nothing with it (compressed-tensors warns)",
+                WARNING,
+            )
+
+
+def _subject(module: str, tensors: Mapping[str, TensorInfo]) -> str:
+    for leaf in (layout.WEIGHT, layout.PACKED, layout.SCALE):
+        if f"{module}.{leaf}" in tensors:
+            return f"{module}.{leaf}"
+    return module
+
+
+def _check_lm_head(
+    head: Head,
+    tensors: Mapping[str, TensorInfo],
+    groups: list[Group],
+    reading: Reading,
+    selected: Mapping[str, Group | None],
+    result: Contract,
+) -> LmHead | None:
+    """The vLLM rule (quantized ⇔ named in targets) and tied-embedding consistency."""
+    name = head.name
+    if name is None:
+        named = [t for g in groups for t in g.targets if t == heads.LM_HEAD]
+        if named:
+            result.add(
+                "lm_head.targets",
+                "quantization_config targets",
+                f"{named[0]!r} names lm_head, but the checkpoint has none",
+                "vLLM looks for an lm_head scale that does not exist",
+                WARNING,
+            )
+        return None
+    on_disk = layout.state(name, tensors)
+    group = reading.group(name) if head.virtual else selected.get(name)
+    vllm_group = reading.group(name, VLLM_HEAD_CLASS)
+    in_ct, in_vllm = group is not None, vllm_group is not None
+    found = LmHead(name, on_disk, head.tied, in_ct, in_vllm)
+    if head.virtual:
+        if in_ct or in_vllm:
+            result.add(
+                "lm_head.tied",
+                name,
+                "tied to the embedding (no lm_head tensors) but quantized by the config"
+                f" ({'named in targets' if in_vllm else 'class Linear matches it'}, not in"
+                " ignore)",
+                "transformers finds no lm_head scale (NaN logits); vLLM ties lm_head to the"
+                " dense embedding and drops the scheme's scale",
+            )
+        return found
+    if head.tied and on_disk != "absent":
+        result.add(
+            "lm_head.tied",
+            f"{name}.weight",
+            "stored, but tie_word_embeddings is true",
+            "vLLM ties lm_head to the embedding table and drops lm_head's tensors and scale"
+            if on_disk == "quantized"
+            else "loaders tie lm_head to the embedding and ignore this tensor",
+            ERROR if on_disk == "quantized" else WARNING,
+        )
+    if on_disk == "quantized" and not in_vllm:
+        result.add(
+            "lm_head.targets",
+            _subject(name, tensors),
+            "stored quantized, but lm_head is not named in targets"
+            + (" (only class 'Linear' matches it)" if in_ct else ""),
+            "vLLM will run lm_head dense (class Linear does not match its ParallelLMHead) and"
+            " fails on, or misreads, the int8/fp8 tensors",
+        )
+    elif on_disk == "quantized" and vllm_group.scheme and not vllm_group.scheme.vllm_lm_head_ok:
+        result.add(
+            "lm_head.scheme",
+            _subject(name, tensors),
+            f"quantized as {vllm_group.scheme.name} (fp8 weight-only)",
+            "current vLLM crashes loading an fp8 weight-only lm_head (use FP8_DYNAMIC);"
+            " transformers loads it",
+            # A valid compressed-tensors checkpoint that one loader cannot serve: worth saying
+            # loudly, not a broken checkpoint (quantize warns about it too).
+            WARNING,
+        )
+    elif on_disk == "dense" and in_vllm and not in_ct:
+        result.add(
+            "lm_head.targets",
+            f"{name}.weight",
+            "stored dense, but named in targets and not in ignore",
+            "vLLM builds a quantized lm_head and finds no scale: it fails to load",
+        )
+    return found
+
+
+def _check_fused(selected: Mapping[str, Group | None], result: Contract) -> None:
+    for group in kinds.fused_groups(selected):
+        sigs = {m: (selected[m].signature if selected[m] else "dense") for m in group}
+        if len(set(sigs.values())) > 1:
+            parts = ", ".join(
+                f"{m} ({selected[m].name if selected[m] else 'dense'})" for m in group
+            )
+            result.add(
+                "fused",
+                group[0],
+                f"vLLM fuses {parts} into one layer, but their schemes differ",
+                "vLLM fails to load the fused layer",
+            )

@@ -1,0 +1,185 @@
+"""The dense checkpoint a quantized one is compared with, and where each layer's weight is.
+
+By default it is the source qcli_provenance.json records, when it can still be read (a local
+folder that still exists, or a hub snapshot in the local cache): without a reference a
+wrong-but-valid scale (a row ×4) is undetectable. The note says why none was used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qcli import heads, kinds, provenance
+from qcli.checks import Contract, Finding, QuantModule
+from qcli.errors import InputError, QcliError
+from qcli.tensors import FLOAT_DTYPES, Checkpoint, TensorInfo, open_checkpoint
+
+NO_REFERENCE = "compared with the dequantized weights (kernel and scales only)"
+
+
+@dataclass
+class Reference:
+    """A dense checkpoint to compare with, and where each quantized module's weight is in it."""
+
+    checkpoint: Checkpoint
+    origin: str  # "--reference" or "qcli_provenance.json"
+    weights: dict[str, TensorInfo] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.checkpoint.folder
+
+
+def resolve(
+    out: Path, spec: str | None, use_provenance: bool, token: str | None = None
+) -> tuple[Reference | None, str | None]:
+    """The reference to compare with (--reference, else the recorded source), or None and
+    the reason there is none."""
+    if spec:
+        from qcli import source
+
+        folder, origin = source.resolve(spec, None, token).folder, "--reference"
+    elif not use_provenance:
+        return None, f"--no-reference: {NO_REFERENCE}"
+    else:
+        folder, why = recorded_source(out)
+        if folder is None:
+            return None, f"{why}: {NO_REFERENCE}"
+        origin = provenance.NAME
+    try:
+        if folder.resolve() == out.resolve():
+            raise InputError("the reference is the checkpoint itself")
+        ck = open_checkpoint(folder)
+        if (ck.config or {}).get("quantization_config"):
+            raise InputError(f"the reference {folder} is quantized; give the dense source")
+    except QcliError as e:
+        if origin != provenance.NAME:
+            raise
+        # a recorded source that moved on is no reason to fail: say so, compare without it
+        return None, f"the source in {provenance.NAME} is unusable ({e}): {NO_REFERENCE}"
+    return Reference(ck, origin), None
+
+
+def recorded_source(out: Path) -> tuple[Path | None, str]:
+    """The folder of the source qcli_provenance.json records, or None and why not."""
+    src, why = provenance.source(out)
+    if src is None:
+        return None, f"no --reference, and {why}"
+    if src.get("path"):
+        path = Path(src["path"])
+        if not path.exists():
+            return None, f"the source recorded in {provenance.NAME} ({path}) no longer exists"
+        if not (path / "config.json").is_file():
+            return None, f"the source recorded in {provenance.NAME} ({path}) has no config.json"
+        return path, ""
+    repo, revision = str(src.get("repo_id")), src.get("revision")
+    label = f"{repo}@{str(revision)[:12]}" if revision else repo
+    try:
+        from huggingface_hub import snapshot_download
+
+        from qcli.source import ALLOW_PATTERNS
+
+        found = snapshot_download(
+            repo, revision=revision, local_files_only=True, allow_patterns=ALLOW_PATTERNS
+        )
+    except Exception:  # huggingface_hub raises several kinds for "not cached"
+        return None, (
+            f"{provenance.NAME} records hub repo {label}, which is not in the local cache"
+            f" (--reference {repo} downloads it)"
+        )
+    return Path(found), ""
+
+
+def match(ref: Reference, modules: Sequence[QuantModule], contract: Contract | None = None) -> None:
+    """Find each module's dense weight in the reference; a module absent or shaped otherwise
+    there is a finding about the checkpoint (added to `contract`). Raises InputError when
+    nothing matches (the reference is another model)."""
+    ck = ref.checkpoint
+    tensors = ck.tensors
+    embedding = _embedding_table(ck)
+    problems: list[Finding] = []
+    for qm in modules:
+        name = f"{qm.name}.weight"
+        info = tensors.get(name)
+        if info is None and qm.role == "lm_head" and embedding is not None:
+            # a tied source: qcli wrote lm_head from the embedding table (untied on output)
+            info = embedding
+            ref.notes[qm.name] = f"tied source: compared with {embedding.name}"
+        if info is None:
+            problems.append(
+                Finding(
+                    "reference.missing",
+                    qm.name,
+                    f"the reference {ref.folder} has no {name}",
+                    "this layer cannot be compared with its source",
+                )
+            )
+            continue
+        if info.dtype not in FLOAT_DTYPES or tuple(info.shape) != qm.shape:
+            problems.append(
+                Finding(
+                    "reference.shape",
+                    qm.name,
+                    f"dense shape {list(qm.shape)} but the reference's {info.name} is"
+                    f" {info.dtype}{list(info.shape)}",
+                    "the layer holds another tensor than its source's (swapped or resized)",
+                )
+            )
+            continue
+        ref.weights[qm.name] = info
+    if modules and not ref.weights:
+        raise InputError(
+            f"the reference {ref.folder} matches none of the quantized layers"
+            f" ({problems[0].problem if problems else 'no layers'}): is it this model's source?"
+        )
+    if contract is not None:
+        contract.findings.extend(problems)
+
+
+def _embedding_table(ck: Checkpoint) -> TensorInfo | None:
+    config = {k: v for k, v in (ck.config or {}).items() if k != "quantization_config"}
+    shapes = {n: (t.dtype, t.shape) for n, t in ck.tensors.items()}
+    try:
+        modules = kinds.classify(shapes, config)
+    except kinds.UnsupportedArchitecture:
+        return None
+    name = heads.embedding_table(modules, config, shapes)
+    return ck.tensors[name] if name else None
+
+
+def compare_dense_tensors(
+    ck: Checkpoint, ref: Reference, skip: Callable[[str], bool] | None = None
+) -> list[Finding]:
+    """Tensors the quantizer copies must equal the reference's byte for byte."""
+    found = []
+    for name, info in ck.tensors.items():
+        r = ref.checkpoint.tensors.get(name)
+        if r is None or info.dtype not in FLOAT_DTYPES or (skip and skip(name)):
+            continue
+        if r.dtype != info.dtype or r.shape != info.shape:
+            problem = f"is {info.dtype}{list(info.shape)}, the reference's {r.dtype}{list(r.shape)}"
+        elif not _same_bytes(info, r):
+            problem = "differs from the reference's (copied tensors must be identical)"
+        else:
+            continue
+        found.append(
+            Finding("reference.dense", name, problem, "the model computes with a wrong tensor")
+        )
+    return found
+
+
+def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 16 << 20) -> bool:
+    fa, fb = os.open(a.file, os.O_RDONLY), os.open(b.file, os.O_RDONLY)
+    try:
+        for pos in range(0, a.nbytes, chunk):
+            n = min(chunk, a.nbytes - pos)
+            if os.pread(fa, n, a.start + pos) != os.pread(fb, n, b.start + pos):
+                return False
+        return True
+    finally:
+        os.close(fa)
+        os.close(fb)

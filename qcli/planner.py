@@ -1,0 +1,520 @@
+"""One decision per tensor, from headers and config alone: options in, a Plan out.
+
+`inspect`, `quantize --dry-run`, `quantize` and `verify` all read the same Plan, so what a user
+previews is exactly what gets written. Every tensor's plan carries what its executor needs (the
+source tensor, the quantizer, the layout, the scale dtype), so qcli.convert reads nothing else.
+No torch and no tensor data here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qcli import heads, kinds, layout, rules
+from qcli.errors import InputError, PlanError
+from qcli.heads import Head
+from qcli.layout import Layout
+from qcli.rules import Match, Matcher
+from qcli.schemes import Scheme, quantization_config
+from qcli.shards import Slot
+from qcli.tensors import FLOAT_DTYPES, SINGLE_NAME, Checkpoint, TensorInfo, natural_key
+
+QUANTIZE, COPY = "quantize", "copy"
+QUANTIZED, DENSE, ABSENT = "quantized", "dense", "absent"
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user asked for: scheme, targets, ignore, lm_head."""
+
+    scheme: Scheme
+    targets: Sequence[str] = rules.DEFAULT_TARGETS
+    ignore: Sequence[str] = ()
+    lm_head: bool = False
+    default_ignore: bool = True
+    # An entry that matches nothing is almost always a typo that would silently quantize (or
+    # keep) the wrong layers, so it stops the run unless the user opts out.
+    allow_unmatched: bool = False
+    # Largest int8 magnitude written. 127 is full range; 63 keeps every pairwise u8*s8 sum
+    # inside int16, so oneDNN's int8 GEMM on x86 CPUs without VNNI (vLLM's CPU W8A8 kernel)
+    # cannot saturate, at the cost of one bit of weight precision.
+    int8_max: int = 127
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """How one weight is quantized and stored: all the executor needs besides the bytes."""
+
+    qtype: str  # "int8" or "fp8" (qcli.quant)
+    qmax: int | None  # largest int8 magnitude; None: the format's full range
+    layout: Layout
+    scale_dtype: str  # safetensors dtype of the stored scale
+    shape: tuple[int, int]  # the dense weight's [out, in]
+
+
+@dataclass
+class TensorPlan:
+    """The fate of one source tensor: which outputs it becomes and why."""
+
+    source: str  # source tensor name
+    info: TensorInfo  # where its bytes are
+    action: str  # QUANTIZE or COPY
+    module: str
+    kind: str
+    rule: str
+    outputs: list[Slot]
+    quantizer: Quantizer | None = None  # set exactly when action is QUANTIZE
+    note: str = ""  # e.g. "untied from model.embed_tokens.weight"
+
+    @property
+    def bytes_in(self) -> int:
+        return self.info.nbytes
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.nbytes for s in self.outputs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.source,
+            "module": self.module,
+            "kind": self.kind,
+            "action": self.action,
+            "rule": self.rule,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "outputs": [
+                {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.outputs
+            ],
+            **({"note": self.note} if self.note else {}),
+        }
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """What happens to lm_head, in one place, so no two messages can disagree about it."""
+
+    name: str | None
+    state: str  # QUANTIZED, DENSE or ABSENT: what is written
+    tied: bool  # the source config ties it to the embedding
+    virtual: bool  # no lm_head tensors in the source
+    untie: bool  # written quantized from the embedding table
+    rule: str | None  # the rule that decided it
+    embedding: str | None  # the embedding table's weight tensor
+
+    def why(self) -> str | None:
+        """The rule that decided it; for a tied head left dense, the tie."""
+        if self.virtual and self.state == DENSE:
+            return "tied to the input embedding: no lm_head tensor, loaders reuse the embedding"
+        return self.rule
+
+    def summary(self) -> str:
+        """What was (or will be) written for lm_head, in one sentence."""
+        if self.state == ABSENT:
+            return "none (the model has no output head)"
+        if self.untie:
+            return (
+                f"quantized from the tied embedding table {self.embedding} (the embedding stays"
+                " dense; tie_word_embeddings set to false, since vLLM would drop a tied"
+                " lm_head's scale)"
+            )
+        if self.state == QUANTIZED:
+            tie = "; the config tied it: tie_word_embeddings set to false" if self.tied else ""
+            return f"quantized — {self.rule}{tie}"
+        if self.virtual:
+            return "dense: tied to the embedding table (no lm_head tensors to quantize)"
+        if self.tied:
+            return (
+                f"dense — {self.rule}; the config ties it, so loaders use the embedding table"
+                f" and skip {self.name}.weight"
+            )
+        return f"dense — {self.rule}"
+
+
+@dataclass
+class Plan:
+    checkpoint: Checkpoint
+    options: PlanOptions
+    modules: dict[str, kinds.Module]
+    tensors: list[TensorPlan]
+    quantized: list[str]  # module names, natural order
+    dense_linear: list[str]  # Linear modules kept dense (written to `ignore`)
+    head: HeadPlan
+    config: dict[str, Any]  # the output config.json
+    fused: list[tuple[str, ...]]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.options.scheme
+
+    @property
+    def lm_head(self) -> str:
+        return self.head.state
+
+    @property
+    def untie(self) -> bool:
+        return self.head.untie
+
+    @property
+    def bytes_in(self) -> int:
+        return self.checkpoint.total_bytes
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(t.bytes_out for t in self.tensors)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(t.action for t in self.tensors))
+
+    def to_json(self, detail: bool = True) -> dict[str, Any]:
+        """The whole plan as data: the same decisions `quantize` executes."""
+        qc = self.config["quantization_config"]
+        opts = self.options
+        body: dict[str, Any] = {
+            "source": str(self.checkpoint.folder),
+            "scheme": self.scheme.name,
+            "format": self.scheme.format,
+            "options": {
+                "targets": list(opts.targets),
+                "ignore": list(opts.ignore),
+                "lm_head": opts.lm_head,
+                "default_ignore": opts.default_ignore,
+                "allow_unmatched": opts.allow_unmatched,
+            },
+            "lm_head": self.lm_head,
+            "lm_head_rule": self.head.why(),
+            "lm_head_summary": self.head.summary(),
+            "tied_embeddings": self.head.tied,
+            "untie_lm_head": self.untie,
+            "counts": self.counts(),
+            "quantized_modules": len(self.quantized),
+            "dense_linear_modules": self.dense_linear,
+            "fused_groups": [list(g) for g in self.fused],
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "ratio": round(self.bytes_in / self.bytes_out, 3) if self.bytes_out else None,
+            "targets": qc["config_groups"]["group_0"]["targets"],
+            "ignore": qc["ignore"],
+            "warnings": self.warnings,
+        }
+        if detail:
+            body["quantized_module_names"] = self.quantized
+            body["quantization_config"] = qc
+            body["tensors"] = [tp.to_json() for tp in self.tensors]
+        return body
+
+
+# --- the steps ----------------------------------------------------------------------------
+
+
+def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
+    """Decide every tensor's fate; raises PlanError when the options cannot apply."""
+    _check_options(opts)
+    refuse_quantized(ck)
+    config = ck.config or {}
+    shapes = {n: (t.dtype, t.shape) for n, t in ck.tensors.items()}
+    try:
+        modules = kinds.classify(shapes, config)
+    except kinds.UnsupportedArchitecture as e:
+        raise PlanError(str(e)) from None
+    head = heads.resolve(modules, config, shapes)
+    _refuse_headless(head, config)
+    matcher = Matcher(list(opts.targets), list(opts.ignore))
+    _refuse_non_linear_targets(modules, matcher)
+    selected = _select(modules, head, opts, matcher)
+    head_plan = _head_plan(head, selected, modules)
+    plans = _tensor_plans(ck, modules, selected, head_plan, opts)
+    _refuse_collisions(plans)
+    warnings = list(ck.warnings) + _unmatched(modules, head, selected, matcher, opts)
+    quantized = sorted((n for n, s in selected.items() if s.selected), key=natural_key)
+    if not quantized:
+        raise PlanError("the targets select no Linear layer: nothing would be quantized")
+    fused = kinds.fused_groups(selected)
+    _refuse_split_fused(fused, selected)
+    # GPT-2-style Conv1D layers stay dense (their weight is stored transposed), but vLLM builds
+    # them as LinearBase, which the target "Linear" matches: they must be listed in ignore.
+    conv1d = [m.name for m in modules.values() if m.kind == kinds.CONV1D and m.weight]
+    dense_linear = sorted(
+        [n for n, s in selected.items() if not s.selected] + conv1d, key=natural_key
+    )
+    if head_plan.untie:
+        warnings.append(
+            "tied embeddings: lm_head is written quantized from the embedding table and"
+            " tie_word_embeddings is set to false (vLLM would drop a tied lm_head's scale)"
+        )
+    if head_plan.state == QUANTIZED and not opts.scheme.vllm_lm_head_ok:
+        warnings.append(
+            f"lm_head quantized with {opts.scheme.name}: current vLLM cannot load an fp8"
+            " weight-only lm_head (use FP8_DYNAMIC, or keep lm_head dense)"
+        )
+    out_config = _output_config(config, opts.scheme, head_plan, dense_linear)
+    return Plan(
+        ck, opts, modules, plans, quantized, dense_linear, head_plan, out_config, fused, warnings
+    )
+
+
+def _check_options(opts: PlanOptions) -> None:
+    rules.validate(list(opts.targets) + list(opts.ignore))
+    if not opts.targets:
+        raise InputError("no --targets given")
+    if opts.int8_max != 127 and (opts.scheme.qtype != "int8" or not 1 <= opts.int8_max <= 127):
+        raise InputError(
+            f"--int8-max {opts.int8_max}: takes 1..127, and only with int8 schemes (W8A8, W8A16)"
+        )
+
+
+def refuse_quantized(ck: Checkpoint) -> None:
+    qc = (ck.config or {}).get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise InputError(
+            f"{ck.folder} is already quantized (quantization_config, quant_method={method});"
+            " qcli quantizes dense checkpoints"
+        )
+    for name, t in ck.tensors.items():
+        if layout.proves_quantized(name, t.dtype):
+            raise InputError(f"{ck.folder} is already quantized: tensor {name!r} ({t.dtype})")
+
+
+# Architecture suffixes of models with an output head over the vocabulary.
+_LM_HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _refuse_headless(head: Head, config: Mapping[str, Any]) -> None:
+    archs = config.get("architectures")
+    lm = isinstance(archs, list) and any(
+        isinstance(a, str) and a.endswith(_LM_HEAD_ARCHITECTURES) for a in archs
+    )
+    if head.name is None and not head.tied and lm:
+        raise PlanError(
+            "config.json does not tie lm_head to the embedding (tie_word_embeddings: false),"
+            " but the checkpoint holds no lm_head weight: loaders would start it from random"
+            " values (a missing shard, or an index that leaves it out?)"
+        )
+
+
+def _refuse_non_linear_targets(modules: Mapping[str, kinds.Module], matcher: Matcher) -> None:
+    for m in modules.values():
+        if m.kind == kinds.LINEAR or m.weight is None:
+            continue
+        hit = matcher.target(m.name, m.kind)
+        if hit and hit.how != rules.REGEX:
+            raise PlanError(
+                f"target {hit.entry!r} selects {m.name} ({m.kind}); qcli quantizes Linear"
+                " layers only"
+            )
+
+
+def _select(
+    modules: Mapping[str, kinds.Module], head: Head, opts: PlanOptions, matcher: Matcher
+) -> dict[str, Match]:
+    """Every Linear module (and a virtual lm_head) -> whether it is quantized, and why."""
+    linear = [(m.name, m.role) for m in modules.values() if m.kind == kinds.LINEAR]
+    if head.virtual:
+        linear.append((head.name, "lm_head"))
+    if head.name is None and opts.lm_head:
+        raise PlanError("--lm-head: this checkpoint has no lm_head (not a causal LM?)")
+    selected = {}
+    for name, role in linear:
+        if name == head.name and opts.lm_head:
+            ignored = matcher.ignored(name, kinds.LINEAR)
+            if ignored:
+                raise PlanError(
+                    f"--lm-head asked, but ignore entry {ignored.entry!r} excludes {name}"
+                )
+            selected[name] = Match(True, "--lm-head")
+            continue
+        role = "lm_head" if name == head.name else role
+        selected[name] = rules.decide(name, kinds.LINEAR, role, matcher, opts.default_ignore)
+    return selected
+
+
+def _head_plan(
+    head: Head, selected: Mapping[str, Match], modules: Mapping[str, kinds.Module]
+) -> HeadPlan:
+    if head.name is None:
+        return HeadPlan(None, ABSENT, head.tied, False, False, None, head.embedding)
+    match = selected[head.name]
+    state = QUANTIZED if match.selected else DENSE
+    untie = head.virtual and match.selected
+    return HeadPlan(head.name, state, head.tied, head.virtual, untie, match.rule, head.embedding)
+
+
+def _tensor_plans(
+    ck: Checkpoint,
+    modules: Mapping[str, kinds.Module],
+    selected: Mapping[str, Match],
+    head: HeadPlan,
+    opts: PlanOptions,
+) -> list[TensorPlan]:
+    plans: list[TensorPlan] = []
+    owner = {t: m for m in modules.values() for t in m.tensors}
+    for name, info in ck.tensors.items():
+        m = owner.get(name)
+        mod_name, kind = (m.name, m.kind) if m else (name.rsplit(".", 1)[0], kinds.OTHER)
+        match = selected.get(mod_name)
+        if m is not None and match is not None and match.selected and name == m.weight:
+            plans.append(_quantize(info, mod_name, match.rule, opts))
+            continue
+        if kind == kinds.LINEAR and m is not None and name == m.weight:
+            if info.dtype not in FLOAT_DTYPES:
+                raise InputError(f"tensor {name!r} is {info.dtype}; expected a float weight")
+        if match is None:
+            rule = f"not quantizable ({kind})"
+        elif match.selected:  # e.g. a bias: its module is quantized, the tensor is copied
+            rule = f"{name.rpartition('.')[2]} of a quantized module: copied"
+        else:
+            rule = match.rule
+        plans.append(
+            TensorPlan(name, info, COPY, mod_name, kind, rule, [Slot(name, info.dtype, info.shape)])
+        )
+    if head.untie:
+        assert head.name is not None and head.embedding is not None
+        tp = _quantize(ck.tensors[head.embedding], head.name, selected[head.name].rule, opts)
+        tp.note = f"untied: lm_head quantized from {head.embedding}; embedding kept dense"
+        plans.append(tp)
+        plans.sort(key=lambda p: natural_key(p.outputs[0].name))
+    return plans
+
+
+def _quantize(info: TensorInfo, module: str, rule: str, opts: PlanOptions) -> TensorPlan:
+    scheme = opts.scheme
+    if info.dtype not in FLOAT_DTYPES:
+        raise InputError(
+            f"tensor {info.name!r} is {info.dtype}; expected a float weight to quantize"
+        )
+    if len(info.shape) != 2 or 0 in info.shape:
+        raise InputError(
+            f"tensor {info.name!r} has shape {list(info.shape)}; a Linear weight is 2-D"
+        )
+    shape = (info.shape[0], info.shape[1])
+    fmt = scheme.layout
+    if fmt.packed and shape[1] % 4:
+        raise PlanError(
+            f"{module}: {scheme.name} packs 4 int8 values per int32, but in_features={shape[1]}"
+            " is not a multiple of 4"
+        )
+    scale_dtype = layout.scale_dtype(info.dtype)
+    qmax = opts.int8_max if scheme.qtype == "int8" else None
+    quantizer = Quantizer(scheme.qtype, qmax, fmt, scale_dtype, shape)
+    outputs = fmt.slots(module, shape, scale_dtype)
+    return TensorPlan(info.name, info, QUANTIZE, module, kinds.LINEAR, rule, outputs, quantizer)
+
+
+def _refuse_collisions(plans: Sequence[TensorPlan]) -> None:
+    # A source tensor may already carry a name qcli writes (e.g. `M.weight_shape` next to
+    # `M.weight` under W8A16): two tensors for one slot would corrupt the shard.
+    made: dict[str, str] = {}
+    for tp in plans:
+        for s in tp.outputs:
+            if s.name in made:
+                raise PlanError(
+                    f"output tensor {s.name!r} would be written twice (from {made[s.name]!r}"
+                    f" and {tp.source!r}); the source already holds a tensor of that name"
+                )
+            made[s.name] = tp.source
+
+
+def _unmatched(
+    modules: Mapping[str, kinds.Module],
+    head: Head,
+    selected: Mapping[str, Match],
+    matcher: Matcher,
+    opts: PlanOptions,
+) -> list[str]:
+    pairs = [(m.name, m.kind) for m in modules.values()]
+    if head.virtual:
+        pairs.append((head.name, kinds.LINEAR))
+    linear = [(n, kinds.LINEAR) for n in selected]
+    unmatched = [f"target {t!r} matches no module" for t in matcher.unmatched_targets(pairs)] + [
+        f"ignore entry {i!r} matches no Linear module" for i in matcher.unmatched_ignores(linear)
+    ]
+    if unmatched and not opts.allow_unmatched:
+        raise PlanError(f"{unmatched[0]} (check the spelling; --allow-unmatched to go on)")
+    return unmatched
+
+
+def _refuse_split_fused(fused: Sequence[tuple[str, ...]], selected: Mapping[str, Match]) -> None:
+    for group in fused:
+        states = {g: selected[g].selected for g in group}
+        if len(set(states.values())) > 1:
+            on = [g for g, s in states.items() if s]
+            off = [f"{g} ({selected[g].rule})" for g, s in states.items() if not s]
+            raise PlanError(
+                f"vLLM fuses {', '.join(group)} into one layer, but the rules quantize"
+                f" {', '.join(on)} and keep {', '.join(off)}; quantize all or none of them"
+            )
+
+
+def _output_config(
+    config: Mapping[str, Any], scheme: Scheme, head: HeadPlan, dense_linear: list[str]
+) -> dict[str, Any]:
+    out = copy.deepcopy(dict(config))
+    # vLLM quantizes its ParallelLMHead only when lm_head is named in targets
+    targets = ([head.name] if head.state == QUANTIZED else []) + ["Linear"]
+    out["quantization_config"] = quantization_config(scheme, targets, dense_linear)
+    if head.state == QUANTIZED and head.tied:
+        heads.untie(out)
+    return out
+
+
+# --- shards -------------------------------------------------------------------------------
+
+
+def shard_layout(plan: Plan, max_shard_size: int) -> list[tuple[str, list[TensorPlan]]]:
+    """Split the tensor plans into output files, in order, a module's tensors kept together."""
+    if max_shard_size <= 0:
+        raise InputError("--max-shard-size: the size must be positive")
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for tp in plan.tensors:
+        if shards[-1] and size + tp.bytes_out > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(tp)
+        size += tp.bytes_out
+    n = len(shards)
+    if n == 1:
+        return [(SINGLE_NAME, shards[0])]
+    width = max(5, int(math.log10(n)) + 1)
+    return [
+        (f"model-{i + 1:0{width}d}-of-{n:0{width}d}.safetensors", s) for i, s in enumerate(shards)
+    ]
+
+
+def oversized(plan: Plan, max_shard_size: int) -> TensorPlan | None:
+    """The largest tensor when it does not fit in one shard of `max_shard_size` bytes."""
+    largest = max(plan.tensors, key=lambda tp: tp.bytes_out)
+    return largest if largest.bytes_out > max_shard_size else None
+
+
+def parse_size(text: str, option: str = "size") -> int:
+    """ "5GB", "500MB", "2GiB", "1000000" -> bytes (decimal units as transformers uses);
+    errors name `option`."""
+    t = text.strip().upper().replace(" ", "")
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
+    unit = next((u for u in units if t.endswith(u)), "B")
+    num, mult = t.removesuffix(unit), units[unit]
+    try:
+        value = float(num)
+    except ValueError:
+        raise InputError(f"{option}: cannot read size {text!r} (e.g. 5GB, 500MB)") from None
+    if not math.isfinite(value) or value <= 0 or int(value * mult) < 1:
+        raise InputError(f"{option}: the size must be positive, got {text!r}")
+    return int(value * mult)
