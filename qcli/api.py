@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qcli import outdir, planner, rules, source
+from qcli import outdir, planner, rules, sharding, source
 from qcli.errors import InputError, QcliError
 from qcli.planner import Plan, PlanOptions
 from qcli.schemes import get_scheme
@@ -154,7 +154,7 @@ def _shard_bytes(max_shard_size: str | int) -> int:
         if max_shard_size <= 0:
             raise InputError("--max-shard-size: the size must be positive")
         return max_shard_size
-    return planner.parse_size(max_shard_size, "--max-shard-size")
+    return sharding.parse_size(max_shard_size, "--max-shard-size")
 
 
 @dataclass
@@ -195,7 +195,7 @@ def dry_run(
     shard_bytes = _shard_bytes(max_shard_size)
     opened = source.open_headers(str(src), revision, token)
     made = planner.build(opened.checkpoint, plan_options(**options))
-    files = [name for name, _ in planner.shard_layout(made, shard_bytes)]
+    files = [name for name, _ in sharding.shard_layout(made, shard_bytes)]
     problems = []
     try:
         outdir.check(made.checkpoint.folder, out, overwrite)

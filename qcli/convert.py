@@ -24,7 +24,8 @@ from typing import Any
 
 from qcli import __version__, outdir, provenance
 from qcli.errors import InputError, InternalError
-from qcli.planner import COPY, Plan, TensorPlan, shard_layout
+from qcli.planner import COPY, Plan, TensorPlan
+from qcli.sharding import shard_layout
 from qcli.shards import ShardWriter, index_json
 from qcli.tensors import DTYPES, INDEX_NAME
 

@@ -9,7 +9,6 @@ No torch and no tensor data here.
 from __future__ import annotations
 
 import copy
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +18,11 @@ from qcli import heads, kinds, layout, rules
 from qcli.errors import InputError, PlanError
 from qcli.heads import Head
 from qcli.layout import Layout
+from qcli.loaders import FP8_WEIGHT_ONLY_HEAD, INT8_EXPERTS
 from qcli.rules import Match, Matcher
 from qcli.schemes import Scheme, quantization_config
 from qcli.shards import Slot
-from qcli.tensors import FLOAT_DTYPES, SINGLE_NAME, Checkpoint, TensorInfo, natural_key
+from qcli.tensors import FLOAT_DTYPES, Checkpoint, TensorInfo, natural_key
 
 QUANTIZE, COPY = "quantize", "copy"
 QUANTIZED, DENSE, ABSENT = "quantized", "dense", "absent"
@@ -249,10 +249,10 @@ def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
             " tie_word_embeddings is set to false (vLLM would drop a tied lm_head's scale)"
         )
     if head_plan.state == QUANTIZED and not opts.scheme.vllm_lm_head_ok:
-        warnings.append(
-            f"lm_head quantized with {opts.scheme.name}: current vLLM cannot load an fp8"
-            " weight-only lm_head (use FP8_DYNAMIC, or keep lm_head dense)"
-        )
+        warnings.append(f"lm_head quantized with {opts.scheme.name}: {FP8_WEIGHT_ONLY_HEAD}")
+    experts = [n for n in quantized if n in modules and modules[n].role == "expert"]
+    if experts and opts.scheme.layout.format == "int-quantized":
+        warnings.append(f"{len(experts)} MoE expert projections quantized to int8: {INT8_EXPERTS}")
     out_config = _output_config(config, opts.scheme, head_plan, dense_linear)
     return Plan(
         ck, opts, modules, plans, quantized, dense_linear, head_plan, out_config, fused, warnings
@@ -462,59 +462,3 @@ def _output_config(
     if head.state == QUANTIZED and head.tied:
         heads.untie(out)
     return out
-
-
-# --- shards -------------------------------------------------------------------------------
-
-
-def shard_layout(plan: Plan, max_shard_size: int) -> list[tuple[str, list[TensorPlan]]]:
-    """Split the tensor plans into output files, in order, a module's tensors kept together."""
-    if max_shard_size <= 0:
-        raise InputError("--max-shard-size: the size must be positive")
-    shards: list[list[TensorPlan]] = [[]]
-    size = 0
-    for tp in plan.tensors:
-        if shards[-1] and size + tp.bytes_out > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(tp)
-        size += tp.bytes_out
-    n = len(shards)
-    if n == 1:
-        return [(SINGLE_NAME, shards[0])]
-    width = max(5, int(math.log10(n)) + 1)
-    return [
-        (f"model-{i + 1:0{width}d}-of-{n:0{width}d}.safetensors", s) for i, s in enumerate(shards)
-    ]
-
-
-def oversized(plan: Plan, max_shard_size: int) -> TensorPlan | None:
-    """The largest tensor when it does not fit in one shard of `max_shard_size` bytes."""
-    largest = max(plan.tensors, key=lambda tp: tp.bytes_out)
-    return largest if largest.bytes_out > max_shard_size else None
-
-
-def parse_size(text: str, option: str = "size") -> int:
-    """ "5GB", "500MB", "2GiB", "1000000" -> bytes (decimal units as transformers uses);
-    errors name `option`."""
-    t = text.strip().upper().replace(" ", "")
-    units = {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "B": 1,
-    }
-    unit = next((u for u in units if t.endswith(u)), "B")
-    num, mult = t.removesuffix(unit), units[unit]
-    try:
-        value = float(num)
-    except ValueError:
-        raise InputError(f"{option}: cannot read size {text!r} (e.g. 5GB, 500MB)") from None
-    if not math.isfinite(value) or value <= 0 or int(value * mult) < 1:
-        raise InputError(f"{option}: the size must be positive, got {text!r}")
-    return int(value * mult)

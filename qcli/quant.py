@@ -244,7 +244,8 @@ def quantize_weight(
     qmax: float | None = None,
     block_rows: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and quantize a whole weight, fast: ``(q, scale)``.
+    """Scale and quantize a whole weight, fast: ``(q, scale)``. (Long for its docstring,
+    which states the math the fast path must keep.)
 
     Same result, bit for bit, as ``s = compute_scales(w, qtype, scale_dtype, qmax)``
     followed by ``quantize_int8(w, s, qmax)`` / ``quantize_fp8(w, s)``.

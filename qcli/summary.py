@@ -39,6 +39,18 @@ class TensorRow:
     kind: str  # kinds.classify's kind, or "?" when the architecture is not understood
     role: str | None
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "bytes": self.nbytes,
+            "file": self.file,
+            "module": self.module,
+            "kind": self.kind,
+            "role": self.role,
+        }
+
 
 @dataclass
 class QuantGroup:
@@ -71,6 +83,38 @@ class Quantization:
 
     def ratio(self, stored: int) -> float:
         return self.dense_bytes / stored if stored else 0.0
+
+    def to_json(self, stored: int) -> dict[str, Any]:
+        """The quantization as data; `stored`: the checkpoint's bytes."""
+        q = self
+
+        return {
+            "quant_method": q.method,
+            "format": q.format,
+            "quantization_status": q.status,
+            "groups": [
+                {
+                    "name": g.name,
+                    "scheme": g.scheme,
+                    "format": g.format,
+                    "targets": g.targets,
+                    "weights": g.weights,
+                    "input_activations": g.input_activations,
+                    "modules": len(g.modules),
+                }
+                for g in q.groups
+            ],
+            "ignore": q.ignore,
+            "quantized_modules": q.quantized,
+            "dense_linear_modules": q.dense_linear,
+            "unmatched_modules": q.unmatched,
+            "lm_head": q.lm_head,
+            "dense_dtype": q.dense_dtype,
+            "dense_bytes_estimate": q.dense_bytes,
+            "compression_ratio": round(q.ratio(stored), 3),
+            "contract": q.contract.to_json() if q.contract else None,
+            "contract_error": q.contract_error,
+        }
 
 
 @dataclass
@@ -126,7 +170,7 @@ class Summary:
     def to_json(self) -> dict[str, Any]:
         """The summary as data: every tensor and every module, lm_head and embeddings included."""
         s = self
-        q = s.quantization
+        ck = s.checkpoint
         body: dict[str, Any] = {
             "source": s.source,
             "architectures": s.architectures,
@@ -136,7 +180,7 @@ class Summary:
             "parameters_by_dtype": s.parameters(),
             "dtypes": sorted({t.dtype for t in s.tensors}),
             "bytes": s.bytes,
-            "sharded": s.checkpoint.sharded,
+            "sharded": ck.sharded,
             "files": s.files(),
             "tied_embeddings": s.tied_embeddings,
             "kinds": s.kind_counts(),
@@ -148,54 +192,16 @@ class Summary:
                     "kind": m.kind,
                     "role": m.role,
                     "weight": m.weight,
-                    "shape": list(s.checkpoint.tensors[m.weight].shape) if m.weight else None,
-                    "dtype": s.checkpoint.tensors[m.weight].dtype if m.weight else None,
+                    "shape": list(ck.tensors[m.weight].shape) if m.weight else None,
+                    "dtype": ck.tensors[m.weight].dtype if m.weight else None,
                     "tensors": list(m.tensors),
                 }
                 for m in sorted(s.modules.values(), key=lambda m: natural_key(m.name))
             ],
-            "tensors": [
-                {
-                    "name": t.name,
-                    "dtype": t.dtype,
-                    "shape": list(t.shape),
-                    "bytes": t.nbytes,
-                    "file": t.file,
-                    "module": t.module,
-                    "kind": t.kind,
-                    "role": t.role,
-                }
-                for t in s.tensors
-            ],
+            "tensors": [t.to_json() for t in s.tensors],
         }
-        if q is not None:
-            body["quantization"] = {
-                "quant_method": q.method,
-                "format": q.format,
-                "quantization_status": q.status,
-                "groups": [
-                    {
-                        "name": g.name,
-                        "scheme": g.scheme,
-                        "format": g.format,
-                        "targets": g.targets,
-                        "weights": g.weights,
-                        "input_activations": g.input_activations,
-                        "modules": len(g.modules),
-                    }
-                    for g in q.groups
-                ],
-                "ignore": q.ignore,
-                "quantized_modules": q.quantized,
-                "dense_linear_modules": q.dense_linear,
-                "unmatched_modules": q.unmatched,
-                "lm_head": q.lm_head,
-                "dense_dtype": q.dense_dtype,
-                "dense_bytes_estimate": q.dense_bytes,
-                "compression_ratio": round(q.ratio(s.bytes), 3),
-                "contract": q.contract.to_json() if q.contract else None,
-                "contract_error": q.contract_error,
-            }
+        if s.quantization is not None:
+            body["quantization"] = s.quantization.to_json(s.bytes)
         return body
 
 
@@ -259,21 +265,7 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
     qc = config.get("quantization_config")
     qc = qc if isinstance(qc, dict) else {}
     ignore = [str(i) for i in qc.get("ignore") or []]
-    groups = []
-    for gname, g in (qc.get("config_groups") or {}).items():
-        if not isinstance(g, dict):
-            continue
-        preset = scheme_from_group({**g, "format": g.get("format") or qc.get("format")})
-        groups.append(
-            QuantGroup(
-                str(gname),
-                preset.name if preset else "custom",
-                g.get("format") or qc.get("format"),
-                [str(t) for t in g.get("targets") or []],
-                g.get("weights"),
-                g.get("input_activations"),
-            )
-        )
+    groups = _groups(qc)
 
     scale = f".{layout.SCALE}"
     scaled = {n.removesuffix(scale) for n in ck.tensors if n.endswith(scale)}
@@ -301,15 +293,7 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
         lm_head = "absent"
 
     dense_dtype = _config_dtype(config) or _scale_dtype(ck)
-    dense_bytes = 0
-    for name, t in ck.tensors.items():
-        module, _, leaf = name.rpartition(".")
-        if layout.is_aux(name):
-            continue
-        if module in scaled and leaf in (layout.WEIGHT, layout.PACKED) and dense_dtype:
-            dense_bytes += layout.dense_numel(name, t.shape) * DTYPES[dense_dtype][0]
-        else:
-            dense_bytes += t.nbytes
+    dense_bytes = _dense_bytes(ck, scaled, dense_dtype)
 
     found, contract_error = _contract(ck) if contract else (None, None)
     return Quantization(
@@ -327,6 +311,39 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
         found,
         contract_error,
     )
+
+
+def _groups(qc: dict[str, Any]) -> list[QuantGroup]:
+    groups = []
+    for gname, g in (qc.get("config_groups") or {}).items():
+        if not isinstance(g, dict):
+            continue
+        preset = scheme_from_group({**g, "format": g.get("format") or qc.get("format")})
+        groups.append(
+            QuantGroup(
+                str(gname),
+                preset.name if preset else "custom",
+                g.get("format") or qc.get("format"),
+                [str(t) for t in g.get("targets") or []],
+                g.get("weights"),
+                g.get("input_activations"),
+            )
+        )
+    return groups
+
+
+def _dense_bytes(ck: Checkpoint, scaled: set[str], dense_dtype: str | None) -> int:
+    """The checkpoint's size with every quantized weight stored in `dense_dtype` again."""
+    total = 0
+    for name, t in ck.tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if layout.is_aux(name):
+            continue
+        if module in scaled and leaf in (layout.WEIGHT, layout.PACKED) and dense_dtype:
+            total += layout.dense_numel(name, t.shape) * DTYPES[dense_dtype][0]
+        else:
+            total += t.nbytes
+    return total
 
 
 def _contract(ck: Checkpoint) -> tuple[Contract | None, str | None]:

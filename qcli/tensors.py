@@ -247,81 +247,100 @@ def open_checkpoint(
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"not a checkpoint folder: {folder}")
-    config = None
-    cfg_path = folder / "config.json"
-    if cfg_path.exists() or require_config:
-        if not cfg_path.exists():
-            raise CheckpointError(f"{folder}: no config.json (not a Hugging Face checkpoint?)")
-        config = _load_json(cfg_path, "config.json")
-        if not isinstance(config, dict):
-            raise CheckpointError("config.json: not a JSON object")
-        check_config_types(config)
-
-    index_path = folder / INDEX_NAME
-    warnings: list[str] = []
-    metadata: dict[str, dict[str, str]] = {}
-    tensors: dict[str, TensorInfo] = {}
-    if index_path.exists():
-        index = _load_json(index_path, INDEX_NAME)
-        wmap = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-            raise CheckpointError(f"{INDEX_NAME}: no valid weight_map")
-        for v in wmap.values():
-            # a plain file name in this folder: never a path out of it ("../", "/etc/..."),
-            # which a stranger's index could use to make qcli read any file
-            if Path(v).name != v or v in (".", ".."):
-                raise CheckpointError(f"{INDEX_NAME} names shard {v!r}, not a file name")
-        files = sorted({folder / v for v in wmap.values()}, key=lambda p: natural_key(p.name))
-        headers = {}
-        for f in files:
-            if read is None and not f.is_file():
-                raise CheckpointError(f"{INDEX_NAME} names shard {f.name}, which is missing")
-            metadata[f.name], headers[f.name] = (read or read_header)(f)
-        for tname in wmap:
-            shard = wmap[tname]
-            if tname not in headers[shard]:
-                raise CheckpointError(f"{INDEX_NAME} maps {tname!r} to {shard}, which lacks it")
-            tensors[tname] = headers[shard][tname]
-        warnings += _unlisted(headers, wmap, tensors if keep_unlisted else None)
-        listed = {f.name for f in files}
-        if read is None:
-            warnings += [
-                f"{p.name} is not named in {INDEX_NAME}: not read (loaders skip it too)"
-                for p in sorted(folder.glob("*.safetensors"), key=lambda p: natural_key(p.name))
-                if p.name not in listed
-            ]
-        tensors = dict(sorted(tensors.items(), key=lambda kv: natural_key(kv[0])))
+    config = _read_config(folder, require_config)
+    if (folder / INDEX_NAME).exists():
+        files, tensors, metadata, warnings = _from_index(folder, read, keep_unlisted)
         sharded = True
     else:
-        files = sorted(
-            folder.glob("*.safetensors") if weight_files is None else weight_files,
-            key=lambda p: natural_key(p.name),
-        )
+        listed = folder.glob("*.safetensors") if weight_files is None else weight_files
+        files = sorted(listed, key=lambda p: natural_key(p.name))
         if not files:
-            bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(
-                p.name for p in folder.glob("*.pt*")
-            )
-            if bins:
-                raise CheckpointError(
-                    f"{folder}: only PyTorch pickle weights ({bins[0]}); qcli reads safetensors"
-                    " only (pickles can run code). Convert them first, e.g. with"
-                    " transformers' save_pretrained(safe_serialization=True)"
-                )
-            raise CheckpointError(f"{folder}: no *.safetensors weights found")
-        for f in files:
-            meta, hdr = (read or read_header)(f)
-            metadata[f.name] = meta
-            for tname, info in hdr.items():
-                if tname in tensors:
-                    raise CheckpointError(
-                        f"tensor {tname!r} appears in both {tensors[tname].file.name} and {f.name}"
-                    )
-                tensors[tname] = info
-        tensors = dict(sorted(tensors.items(), key=lambda kv: natural_key(kv[0])))
-        sharded = len(files) > 1
+            _refuse_weightless(folder)
+        tensors, metadata = _from_files(files, read or read_header)
+        warnings, sharded = [], len(files) > 1
     if not tensors:
         raise CheckpointError(f"{folder}: the checkpoint holds no tensors")
+    tensors = dict(sorted(tensors.items(), key=lambda kv: natural_key(kv[0])))
     return Checkpoint(folder, tensors, config, files, sharded, metadata, warnings)
+
+
+def _read_config(folder: Path, required: bool) -> dict[str, Any] | None:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists() and not required:
+        return None
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face checkpoint?)")
+    config = _load_json(cfg_path, "config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError("config.json: not a JSON object")
+    check_config_types(config)
+    return config
+
+
+def _from_index(
+    folder: Path, read: HeaderReader | None, keep_unlisted: bool
+) -> tuple[list[Path], dict[str, TensorInfo], dict[str, dict[str, str]], list[str]]:
+    """A sharded checkpoint: the index's weight map, checked against each shard's header."""
+    index = _load_json(folder / INDEX_NAME, INDEX_NAME)
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+        raise CheckpointError(f"{INDEX_NAME}: no valid weight_map")
+    for v in wmap.values():
+        # a plain file name in this folder: never a path out of it ("../", "/etc/..."),
+        # which a stranger's index could use to make qcli read any file
+        if Path(v).name != v or v in (".", ".."):
+            raise CheckpointError(f"{INDEX_NAME} names shard {v!r}, not a file name")
+    files = sorted({folder / v for v in wmap.values()}, key=lambda p: natural_key(p.name))
+    headers, metadata = {}, {}
+    for f in files:
+        if read is None and not f.is_file():
+            raise CheckpointError(f"{INDEX_NAME} names shard {f.name}, which is missing")
+        metadata[f.name], headers[f.name] = (read or read_header)(f)
+    tensors: dict[str, TensorInfo] = {}
+    for tname, shard in wmap.items():
+        if tname not in headers[shard]:
+            raise CheckpointError(f"{INDEX_NAME} maps {tname!r} to {shard}, which lacks it")
+        tensors[tname] = headers[shard][tname]
+    warnings = _unlisted(headers, wmap, tensors if keep_unlisted else None)
+    if read is None:
+        listed = {f.name for f in files}
+        warnings += [
+            f"{p.name} is not named in {INDEX_NAME}: not read (loaders skip it too)"
+            for p in sorted(folder.glob("*.safetensors"), key=lambda p: natural_key(p.name))
+            if p.name not in listed
+        ]
+    return files, tensors, metadata, warnings
+
+
+def _from_files(
+    files: Sequence[Path], read: HeaderReader
+) -> tuple[dict[str, TensorInfo], dict[str, dict[str, str]]]:
+    """Unindexed files: every tensor of every file, each name in one file only."""
+    tensors: dict[str, TensorInfo] = {}
+    metadata = {}
+    for f in files:
+        meta, hdr = read(f)
+        metadata[f.name] = meta
+        for tname, info in hdr.items():
+            if tname in tensors:
+                raise CheckpointError(
+                    f"tensor {tname!r} appears in both {tensors[tname].file.name} and {f.name}"
+                )
+            tensors[tname] = info
+    return tensors, metadata
+
+
+def _refuse_weightless(folder: Path) -> None:
+    bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.pt*")
+    )
+    if bins:
+        raise CheckpointError(
+            f"{folder}: only PyTorch pickle weights ({bins[0]}); qcli reads safetensors"
+            " only (pickles can run code). Convert them first, e.g. with"
+            " transformers' save_pretrained(safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder}: no *.safetensors weights found")
 
 
 def _unlisted(

@@ -20,7 +20,7 @@ from qcli import checks
 from qcli.checks import raw
 from qcli.cli.app import main
 from qcli.tensors import TensorInfo, open_checkpoint, read_header
-from tests.conftest import EXAMPLE, REPO
+from tests.builders import EXAMPLE, REPO
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 

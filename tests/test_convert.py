@@ -17,8 +17,8 @@ from qcli.cli.app import main
 from qcli.errors import InputError, OutputError
 from qcli.schemes import SCHEMES, get_scheme
 from qcli.tensors import open_checkpoint
-from tests.conftest import EXAMPLE
-from tests.test_plan import _llama
+from tests.builders import EXAMPLE
+from tests.builders import llama_checkpoint as _llama
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

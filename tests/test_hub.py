@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from qcli.hub import FIRST_RANGE
-from tests.conftest import load_config
+from tests.builders import load_config
 
 MAIN = "main"
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
@@ -318,8 +318,24 @@ def test_hub_errors_are_one_line(hub: FakeHub, models, tmp_path: Path) -> None:
         r = qcli(hub, tmp_path / "hf", "inspect", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
-    # (An unreachable hub ends in the same one-line error as offline, but only after
-    # huggingface_hub's ~25 s of retries, so the offline tests cover that path.)
+
+
+def test_unreachable_hub_fails_fast_without_retry_lines(tmp_path: Path) -> None:
+    """No network: one request without retries tells, then the one-line error (inspect
+    took 23 s and printed 11 retry lines through huggingface_hub's own downloads)."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = FakeHub(url=f"http://127.0.0.1:{port}")
+    for cmd in (["inspect", "org/m"], ["quantize", "org/m", str(tmp_path / "out")]):
+        t0 = time.monotonic()
+        r = qcli(dead, tmp_path / "hf", *cmd)
+        assert time.monotonic() - t0 < 15, r.stderr
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "cannot be reached" in r.stderr and "Retrying" not in r.stderr
 
 
 def test_large_header_takes_a_second_range(hub: FakeHub, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from qcli.cli import main
 from qcli.cli.views.common import collapse, layer_pattern
 from qcli.tensors import open_checkpoint
-from tests.conftest import load_config
+from tests.builders import load_config
 
 
 def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:

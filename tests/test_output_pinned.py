@@ -13,7 +13,7 @@ import hashlib
 import pytest
 
 from qcli.cli.app import main
-from tests.conftest import EXAMPLE
+from tests.builders import EXAMPLE
 
 CONFIG = "config.json"
 GENERATION = "generation_config.json"

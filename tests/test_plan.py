@@ -2,56 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from qcli import planner
+from qcli import planner, sharding
 from qcli.errors import InputError, PlanError
 from qcli.schemes import get_scheme
 from qcli.tensors import open_checkpoint
-
-H, I, V = 64, 128, 256  # noqa: E741  (hidden, intermediate, vocab)
-
-
-def _llama(
-    tmp: Path, *, tied: bool = False, extra: dict | None = None, cfg: dict | None = None
-) -> Path:
-    ts = {"model.embed_tokens.weight": torch.randn(V, H).bfloat16()}
-    p = "model.layers.0"
-    for n, shape in {
-        "self_attn.q_proj": (H, H),
-        "self_attn.k_proj": (H, H),
-        "self_attn.v_proj": (H, H),
-        "self_attn.o_proj": (H, H),
-        "mlp.gate_proj": (I, H),
-        "mlp.up_proj": (I, H),
-        "mlp.down_proj": (H, I),
-    }.items():
-        ts[f"{p}.{n}.weight"] = torch.randn(*shape).bfloat16()
-    ts[f"{p}.input_layernorm.weight"] = torch.ones(H).bfloat16()
-    ts["model.norm.weight"] = torch.ones(H).bfloat16()
-    if not tied:
-        ts["lm_head.weight"] = torch.randn(V, H).bfloat16()
-    ts.update(extra or {})
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(ts, tmp / "model.safetensors", metadata={"format": "pt"})
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": H,
-        "intermediate_size": I,
-        "vocab_size": V,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "tie_word_embeddings": tied,
-        **(cfg or {}),
-    }
-    (tmp / "config.json").write_text(json.dumps(config))
-    return tmp
+from tests.builders import H, I, V
+from tests.builders import llama_checkpoint as _llama
 
 
 def _plan(path: Path, scheme: str = "W8A8", **kw) -> planner.Plan:
@@ -179,10 +140,10 @@ def test_target_matching_nothing_is_an_error_unless_allowed(tmp_path: Path) -> N
 
 def test_shard_layout_and_sizes(tmp_path: Path) -> None:
     plan = _plan(_llama(tmp_path), lm_head=True)
-    shards = planner.shard_layout(plan, 40_000)
+    shards = sharding.shard_layout(plan, 40_000)
     assert len(shards) > 1 and shards[0][0].startswith("model-00001-of-")
     assert sum(t.bytes_out for _, ts in shards for t in ts) == plan.bytes_out
-    assert planner.shard_layout(plan, 10**12)[0][0] == "model.safetensors"
-    assert planner.parse_size("5GB") == 5 * 10**9 and planner.parse_size("2GiB") == 2 * 2**30
+    assert sharding.shard_layout(plan, 10**12)[0][0] == "model.safetensors"
+    assert sharding.parse_size("5GB") == 5 * 10**9 and sharding.parse_size("2GiB") == 2 * 2**30
     with pytest.raises(InputError):
-        planner.parse_size("lots")
+        sharding.parse_size("lots")

@@ -27,7 +27,7 @@ from qcli.numerics import layers, thresholds
 from qcli.numerics.metrics import compare
 from qcli.schemes import SCHEMES
 from qcli.tensors import TensorInfo, open_checkpoint
-from tests.conftest import EXAMPLE
+from tests.builders import EXAMPLE
 
 SCHEME_NAMES = ["W8A8", "W8A16", "FP8_DYNAMIC"]
 LAYER = "model.layers.1.mlp.down_proj"  # [256, 512]

@@ -48,51 +48,9 @@ class Group:
 
 def check_config(qc: dict[str, Any], result: Contract) -> list[Group]:
     """The quantization_config's own rules (keys, formats, schemes); returns its groups."""
-    method = qc.get("quant_method")
-    if method != "compressed-tensors":
-        result.add(
-            "config.quant_method",
-            "quantization_config.quant_method",
-            f"is {method!r}, not 'compressed-tensors'",
-            "transformers and vLLM pick another quantizer, or none, and misread the tensors",
-        )
-    status = qc.get("quantization_status")
-    if status != "compressed":
-        result.add(
-            "config.quantization_status",
-            "quantization_config.quantization_status",
-            "missing" if status is None else f"is {status!r}, not 'compressed'",
-            READ_AS_FLOAT,
-        )
-    top = qc.get("format")
-    if top is None:
-        result.add(
-            "config.format",
-            "quantization_config.format",
-            "missing",
-            "vLLM chooses its kernel by format and finds none; older transformers /"
-            " compressed-tensors releases treat the weights as dense: " + READ_AS_FLOAT,
-        )
-    elif not isinstance(top, str) or top not in FORMATS:
-        result.add(
-            "config.format",
-            "quantization_config.format",
-            f"{top!r} is not a compressed-tensors format",
-            "compressed-tensors rejects the config",
-        )
-    ignore = qc.get("ignore")
-    if ignore is not None and (
-        not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore)
-    ):
-        result.add(
-            "config.ignore",
-            "quantization_config.ignore",
-            "is not a list of strings",
-            "compressed-tensors rejects the config",
-        )
-    for entry in ignore if isinstance(ignore, list) else []:
-        if isinstance(entry, str):
-            _check_entry(entry, "ignore", result)
+    _check_method_and_status(qc, result)
+    top = _check_top_format(qc, result)
+    _check_ignore(qc, result)
     if qc.get("kv_cache_scheme"):
         result.add(
             "config.kv_cache_scheme",
@@ -123,6 +81,61 @@ def check_config(qc: dict[str, Any], result: Contract) -> list[Group]:
                 " group's: one of them computes garbage",
             )
     return groups
+
+
+def _check_method_and_status(qc: dict[str, Any], result: Contract) -> None:
+    method = qc.get("quant_method")
+    if method != "compressed-tensors":
+        result.add(
+            "config.quant_method",
+            "quantization_config.quant_method",
+            f"is {method!r}, not 'compressed-tensors'",
+            "transformers and vLLM pick another quantizer, or none, and misread the tensors",
+        )
+    status = qc.get("quantization_status")
+    if status != "compressed":
+        result.add(
+            "config.quantization_status",
+            "quantization_config.quantization_status",
+            "missing" if status is None else f"is {status!r}, not 'compressed'",
+            READ_AS_FLOAT,
+        )
+
+
+def _check_top_format(qc: dict[str, Any], result: Contract) -> Any:
+    top = qc.get("format")
+    if top is None:
+        result.add(
+            "config.format",
+            "quantization_config.format",
+            "missing",
+            "vLLM chooses its kernel by format and finds none; older transformers /"
+            " compressed-tensors releases treat the weights as dense: " + READ_AS_FLOAT,
+        )
+    elif not isinstance(top, str) or top not in FORMATS:
+        result.add(
+            "config.format",
+            "quantization_config.format",
+            f"{top!r} is not a compressed-tensors format",
+            "compressed-tensors rejects the config",
+        )
+    return top
+
+
+def _check_ignore(qc: dict[str, Any], result: Contract) -> None:
+    ignore = qc.get("ignore")
+    if ignore is not None and (
+        not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore)
+    ):
+        result.add(
+            "config.ignore",
+            "quantization_config.ignore",
+            "is not a list of strings",
+            "compressed-tensors rejects the config",
+        )
+    for entry in ignore if isinstance(ignore, list) else []:
+        if isinstance(entry, str):
+            _check_entry(entry, "ignore", result)
 
 
 def _check_entry(entry: str, where: str, result: Contract) -> None:
@@ -159,6 +172,27 @@ def _check_group(name: str, body: Any, result: Contract) -> Group | None:
             "cannot tell how its modules are stored",
         )
         return None
+    targets = _check_group_keys(subject, body, result)
+    weights = body.get("weights")
+    acts = body.get("input_activations")
+    fmt = _check_group_format(subject, body.get("format"), result)
+    wtype = weights.get("type") if isinstance(weights, dict) else None
+    fmt_layout = _check_scheme(subject, fmt, weights, acts, result)
+    scheme = scheme_from_group(body) if fmt_layout else None
+    if fmt_layout and scheme is None:
+        result.add(
+            "config.scheme",
+            subject,
+            f"format {fmt!r} with {_describe_args(weights)} weights is none of qcli's presets",
+            "verify checks its tensors but runs no numeric check for it",
+            WARNING,
+        )
+    signature = repr((fmt, _norm_args(weights), _norm_args(acts)))
+    return Group(name, tuple(valid_entries(targets)), fmt, wtype, fmt_layout, scheme, signature)
+
+
+def _check_group_keys(subject: str, body: dict[str, Any], result: Contract) -> list[str]:
+    """Unknown keys, targets, and the args' own keys; returns the group's targets."""
     extra = sorted(set(body) - GROUP_KEYS)
     if extra:
         result.add(
@@ -178,11 +212,9 @@ def _check_group(name: str, body: Any, result: Contract) -> Group | None:
         targets = []
     for t in targets:
         _check_entry(t, "targets", result)
-    weights = body.get("weights")
-    acts = body.get("input_activations")
-    for key, args in (("weights", weights), ("input_activations", acts)):
-        if args is not None:
-            _check_args(f"{subject}.{key}", args, result)
+    for key in ("weights", "input_activations"):
+        if body.get(key) is not None:
+            _check_args(f"{subject}.{key}", body[key], result)
     if body.get("output_activations"):
         result.add(
             "config.scheme",
@@ -190,7 +222,10 @@ def _check_group(name: str, body: Any, result: Contract) -> Group | None:
             "set; qcli's schemes quantize no outputs",
             "verify cannot reproduce what the loader computes",
         )
-    fmt = body.get("format")
+    return targets
+
+
+def _check_group_format(subject: str, fmt: Any, result: Contract) -> str | None:
     if fmt is None:
         result.add(
             "config.format",
@@ -205,7 +240,15 @@ def _check_group(name: str, body: Any, result: Contract) -> Group | None:
             f"{fmt!r} is not a compressed-tensors format",
             "compressed-tensors rejects the config",
         )
-        fmt = None
+        return None
+    return fmt
+
+
+def _check_scheme(
+    subject: str, fmt: str | None, weights: Any, acts: Any, result: Contract
+) -> Layout | None:
+    """Whether the format can store these weights, and the args are a scheme qcli checks:
+    the layout the group's tensors must have, or None when they cannot be checked."""
     wtype = weights.get("type") if isinstance(weights, dict) else None
     fmt_layout = _layout(fmt, wtype, weights)
     if weights is not None and fmt_layout is None and fmt is not None:
@@ -248,17 +291,7 @@ def _check_group(name: str, body: Any, result: Contract) -> Group | None:
             f"int8 weight-only written as {fmt!r}",
             "vLLM cannot pick a kernel for it (int8 weight-only loads as 'pack-quantized')",
         )
-    scheme = scheme_from_group(body) if fmt_layout else None
-    if fmt_layout and scheme is None:
-        result.add(
-            "config.scheme",
-            subject,
-            f"format {fmt!r} with {_describe_args(weights)} weights is none of qcli's presets",
-            "verify checks its tensors but runs no numeric check for it",
-            WARNING,
-        )
-    signature = repr((fmt, _norm_args(weights), _norm_args(acts)))
-    return Group(name, tuple(valid_entries(targets)), fmt, wtype, fmt_layout, scheme, signature)
+    return fmt_layout
 
 
 def _check_args(subject: str, args: Any, result: Contract) -> None:

@@ -16,17 +16,12 @@ from qcli.checks.config import Group
 from qcli.checks.findings import ERROR, NAN_LOGITS, READ_AS_FLOAT, WARNING, Contract, LmHead
 from qcli.checks.tensors import check_quantized_module
 from qcli.heads import Head
+from qcli.loaders import FP8_WEIGHT_ONLY_HEAD, INT8_EXPERTS
 from qcli.rules import Matcher
 from qcli.tensors import Checkpoint, TensorInfo
 
 # vLLM builds lm_head as ParallelLMHead: class `Linear` does not match it (format.md).
 VLLM_HEAD_CLASS = "ParallelLMHead"
-# What transformers 5.24 does with int-quantized MoE experts (tests/interop checks it).
-INT8_EXPERTS = (
-    "transformers 5.24 with compressed-tensors 0.20 cannot load int8 (W8A8) MoE experts;"
-    " vLLM loads them on GPUs and on CPUs with AMX (its CPU build has no int8 MoE kernel"
-    " otherwise)"
-)
 
 
 class Reading:
@@ -62,6 +57,31 @@ def check_modules(
     head = heads.resolve(modules, config, {n: (t.dtype, t.shape) for n, t in tensors.items()})
     linear = [m for m in modules.values() if m.kind == kinds.LINEAR and m.weight]
     selected = {m.name: reading.group(m.name) for m in linear}
+    _check_linear(linear, selected, reading, tensors, result)
+    _check_non_linear(modules, tensors, result)
+    _check_targets(groups, linear, head, result)
+    result.lm_head = _check_lm_head(head, tensors, groups, reading, selected, result)
+    if head.virtual and result.lm_head and not result.lm_head.transformers:
+        result.dense_linear.append(head.name)
+    _check_fused(selected, result)
+    if not any(g is not None for g in selected.values()):
+        result.add(
+            "config.targets",
+            "quantization_config",
+            "no Linear module is quantized (every target is ignored or matches nothing)",
+            "the checkpoint runs dense; the quantization config only costs load time",
+            WARNING,
+        )
+
+
+def _check_linear(
+    linear: Sequence[kinds.Module],
+    selected: Mapping[str, Group | None],
+    reading: Reading,
+    tensors: Mapping[str, TensorInfo],
+    result: Contract,
+) -> None:
+    """Each Linear module: quantized exactly when its group says so, then its tensors."""
     int8_experts = []
     for m in linear:
         g = selected[m.name]
@@ -91,27 +111,13 @@ def check_modules(
         qm = check_quantized_module(m, g, tensors, result)
         if qm is not None:
             result.modules.append(qm)
-    if int8_experts:
+    if int8_experts:  # one finding for all of them: a real MoE has thousands
         result.add(
             "tensors.expert",
             int8_experts[0].rpartition(".experts.")[0] or int8_experts[0],
             f"{len(int8_experts)} MoE expert projection(s) stored int8 (W8A8), e.g."
             f" {int8_experts[0]}",
             INT8_EXPERTS,
-            WARNING,
-        )
-    _check_non_linear(modules, tensors, result)
-    _check_targets(groups, linear, head, result)
-    result.lm_head = _check_lm_head(head, tensors, groups, reading, selected, result)
-    if head.virtual and result.lm_head and not result.lm_head.transformers:
-        result.dense_linear.append(head.name)
-    _check_fused(selected, result)
-    if not any(g is not None for g in selected.values()):
-        result.add(
-            "config.targets",
-            "quantization_config",
-            "no Linear module is quantized (every target is ignored or matches nothing)",
-            "the checkpoint runs dense; the quantization config only costs load time",
             WARNING,
         )
 
@@ -187,23 +193,32 @@ def _check_lm_head(
                 WARNING,
             )
         return None
-    on_disk = layout.state(name, tensors)
     group = reading.group(name) if head.virtual else selected.get(name)
     vllm_group = reading.group(name, VLLM_HEAD_CLASS)
-    in_ct, in_vllm = group is not None, vllm_group is not None
-    found = LmHead(name, on_disk, head.tied, in_ct, in_vllm)
+    found = LmHead(
+        name, layout.state(name, tensors), head.tied, group is not None, vllm_group is not None
+    )
     if head.virtual:
-        if in_ct or in_vllm:
+        if found.transformers or found.vllm:
             result.add(
                 "lm_head.tied",
                 name,
                 "tied to the embedding (no lm_head tensors) but quantized by the config"
-                f" ({'named in targets' if in_vllm else 'class Linear matches it'}, not in"
+                f" ({'named in targets' if found.vllm else 'class Linear matches it'}, not in"
                 " ignore)",
                 "transformers finds no lm_head scale (NaN logits); vLLM ties lm_head to the"
                 " dense embedding and drops the scheme's scale",
             )
         return found
+    _check_stored_head(found, vllm_group, tensors, result)
+    return found
+
+
+def _check_stored_head(
+    head: LmHead, vllm_group: Group | None, tensors: Mapping[str, TensorInfo], result: Contract
+) -> None:
+    """An lm_head with tensors on disk, against its tie and against vLLM's reading."""
+    name, on_disk = head.name, head.on_disk
     if head.tied and on_disk != "absent":
         result.add(
             "lm_head.tied",
@@ -214,12 +229,12 @@ def _check_lm_head(
             else "loaders tie lm_head to the embedding and ignore this tensor",
             ERROR if on_disk == "quantized" else WARNING,
         )
-    if on_disk == "quantized" and not in_vllm:
+    if on_disk == "quantized" and vllm_group is None:
         result.add(
             "lm_head.targets",
             _subject(name, tensors),
             "stored quantized, but lm_head is not named in targets"
-            + (" (only class 'Linear' matches it)" if in_ct else ""),
+            + (" (only class 'Linear' matches it)" if head.transformers else ""),
             "vLLM will run lm_head dense (class Linear does not match its ParallelLMHead) and"
             " fails on, or misreads, the int8/fp8 tensors",
         )
@@ -228,20 +243,18 @@ def _check_lm_head(
             "lm_head.scheme",
             _subject(name, tensors),
             f"quantized as {vllm_group.scheme.name} (fp8 weight-only)",
-            "current vLLM crashes loading an fp8 weight-only lm_head (use FP8_DYNAMIC);"
-            " transformers loads it",
+            FP8_WEIGHT_ONLY_HEAD,
             # A valid compressed-tensors checkpoint that one loader cannot serve: worth saying
             # loudly, not a broken checkpoint (quantize warns about it too).
             WARNING,
         )
-    elif on_disk == "dense" and in_vllm and not in_ct:
+    elif on_disk == "dense" and head.vllm and not head.transformers:
         result.add(
             "lm_head.targets",
             f"{name}.weight",
             "stored dense, but named in targets and not in ignore",
             "vLLM builds a quantized lm_head and finds no scale: it fails to load",
         )
-    return found
 
 
 def _check_fused(selected: Mapping[str, Group | None], result: Contract) -> None:

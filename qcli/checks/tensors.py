@@ -41,71 +41,11 @@ def check_quantized_module(
             WARNING,
         )
         return None
-    fmt = g.format
-    ok = True
-    w = tensors.get(f"{name}.{WEIGHT}")
-    packed = tensors.get(f"{name}.{PACKED}")
-    shape: tuple[int, int] | None = None
-    if g.layout.packed:
-        if packed is None:
-            have = f"{name}.weight ({w.dtype})" if w else "no weight tensor"
-            result.add(
-                "tensors.layout",
-                f"{name}.weight_packed",
-                f"missing ({have}) although format is 'pack-quantized'",
-                "compressed-tensors finds no packed weight: the model fails to load or"
-                " computes garbage",
-            )
-            return None
-        shape = _check_packed(name, packed, tensors.get(f"{name}.{SHAPE}"), result)
-        weight = packed
-        ok = shape is not None
-        if w is not None:
-            result.add(
-                "tensors.layout",
-                f"{name}.weight",
-                "present next to weight_packed",
-                "loaders report an unexpected key, or load the wrong tensor",
-            )
-            ok = False
-    else:
-        if w is None:
-            result.add(
-                "tensors.layout",
-                f"{name}.weight",
-                f"missing{' (found weight_packed)' if packed else ''} although format is {fmt!r}",
-                "the model fails to load",
-            )
-            return None
-        weight = w
-        if w.dtype != g.layout.weight_dtype:
-            result.add(
-                "tensors.dtype",
-                f"{name}.weight",
-                f"is {w.dtype}, but format {fmt!r} with {g.weight_type} weights stores"
-                f" {g.layout.weight_dtype}",
-                "compressed-tensors decompresses the bytes as the wrong type (garbage) or"
-                " fails to load",
-            )
-            ok = False
-        if len(w.shape) != 2:
-            result.add(
-                "tensors.shape",
-                f"{name}.weight",
-                f"has shape {list(w.shape)}, not [out, in]",
-                "the model fails to load",
-            )
-            return None
-        shape = (w.shape[0], w.shape[1])
-        for extra in (PACKED, SHAPE):
-            if f"{name}.{extra}" in tensors:
-                result.add(
-                    "tensors.layout",
-                    f"{name}.{extra}",
-                    f"present although format is {fmt!r}",
-                    "loaders report an unexpected key",
-                    WARNING,
-                )
+    check = _check_packed_weight if g.layout.packed else _check_plain_weight
+    found = check(name, g, tensors, result)
+    if found is None:
+        return None
+    weight, shape, ok = found
     scale = tensors.get(f"{name}.{SCALE}")
     if scale is None:
         result.add("tensors.scale", f"{name}.{SCALE}", "missing", NAN_LOGITS)
@@ -124,6 +64,82 @@ def check_quantized_module(
     if not ok or shape is None or g.scheme is None:
         return None
     return QuantModule(name, m.role, g.name, g.scheme, weight, scale, shape)
+
+
+def _check_packed_weight(
+    name: str, g: Group, tensors: Mapping[str, TensorInfo], result: Contract
+) -> tuple[TensorInfo, tuple[int, int] | None, bool] | None:
+    """pack-quantized: weight_packed and weight_shape, and no plain weight beside them."""
+    w = tensors.get(f"{name}.{WEIGHT}")
+    packed = tensors.get(f"{name}.{PACKED}")
+    if packed is None:
+        have = f"{name}.weight ({w.dtype})" if w else "no weight tensor"
+        result.add(
+            "tensors.layout",
+            f"{name}.weight_packed",
+            f"missing ({have}) although format is 'pack-quantized'",
+            "compressed-tensors finds no packed weight: the model fails to load or"
+            " computes garbage",
+        )
+        return None
+    shape = _check_packed(name, packed, tensors.get(f"{name}.{SHAPE}"), result)
+    ok = shape is not None
+    if w is not None:
+        result.add(
+            "tensors.layout",
+            f"{name}.weight",
+            "present next to weight_packed",
+            "loaders report an unexpected key, or load the wrong tensor",
+        )
+        ok = False
+    return packed, shape, ok
+
+
+def _check_plain_weight(
+    name: str, g: Group, tensors: Mapping[str, TensorInfo], result: Contract
+) -> tuple[TensorInfo, tuple[int, int] | None, bool] | None:
+    """int-, float- and naive-quantized: a 2-D `weight` of the format's dtype."""
+    assert g.layout is not None
+    fmt = g.format
+    w = tensors.get(f"{name}.{WEIGHT}")
+    if w is None:
+        packed = f"{name}.{PACKED}" in tensors
+        result.add(
+            "tensors.layout",
+            f"{name}.weight",
+            f"missing{' (found weight_packed)' if packed else ''} although format is {fmt!r}",
+            "the model fails to load",
+        )
+        return None
+    ok = True
+    if w.dtype != g.layout.weight_dtype:
+        result.add(
+            "tensors.dtype",
+            f"{name}.weight",
+            f"is {w.dtype}, but format {fmt!r} with {g.weight_type} weights stores"
+            f" {g.layout.weight_dtype}",
+            "compressed-tensors decompresses the bytes as the wrong type (garbage) or"
+            " fails to load",
+        )
+        ok = False
+    if len(w.shape) != 2:
+        result.add(
+            "tensors.shape",
+            f"{name}.weight",
+            f"has shape {list(w.shape)}, not [out, in]",
+            "the model fails to load",
+        )
+        return None
+    for extra in (PACKED, SHAPE):
+        if f"{name}.{extra}" in tensors:
+            result.add(
+                "tensors.layout",
+                f"{name}.{extra}",
+                f"present although format is {fmt!r}",
+                "loaders report an unexpected key",
+                WARNING,
+            )
+    return w, (w.shape[0], w.shape[1]), ok
 
 
 def _check_packed(

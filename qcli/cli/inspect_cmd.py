@@ -66,6 +66,7 @@ def inspect_command(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
+    """Parse, call qcli.api, render (long only for the options its signature declares)."""
     from rich.markup import escape
 
     import qcli

@@ -79,6 +79,7 @@ def quantize(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
+    """Parse, call qcli.api, render (long only for the options its signature declares)."""
     import qcli
     from qcli.cli.output import Output
     from qcli.errors import InputError
@@ -140,10 +141,10 @@ def _tensor_line(tp) -> str:
 
 
 def _shard_note(output, plan, max_shard_size: str) -> None:
-    from qcli import planner
+    from qcli import sharding
     from qcli.cli import fmt
 
-    big = planner.oversized(plan, planner.parse_size(max_shard_size, "--max-shard-size"))
+    big = sharding.oversized(plan, sharding.parse_size(max_shard_size, "--max-shard-size"))
     if big is not None:
         output.warn(
             f"--max-shard-size {max_shard_size} is smaller than the largest tensor"

@@ -84,6 +84,7 @@ def verify_command(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
+    """Parse, call qcli.api, render (long only for the options its signature declares)."""
     import qcli
     from qcli.cli.output import Output
     from qcli.cli.views.verify import show_report

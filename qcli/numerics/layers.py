@@ -220,23 +220,11 @@ def verify_layer(
         q, _ = _read_quantized(qm, files, *blocks[0])
         # 16 tokens on the first block of rows: the emulation costs M * N * K / 2
         sat = saturating_dev(torch.cat(xs)[:16], q)
-        notes.append(
-            f"an x86 int8 GEMM without VNNI (vLLM's oneDNN path on such CPUs) would be off by"
-            f" {sat:.1%} of the output's range here (saturating int16 pairs); verify used exact"
-            " integer math"
-        )
+    notes += _notes(qm, ref_weight, log, sat)
     m = stats.metrics()
     sample = blocks[0][2]
     worst = int(sample[m.worst_channel]) if sample is not None else m.worst_channel
     check = INEXACT if log.inexact else (EXACT if log.dev == 0.0 else ROUNDING)
-    if log.inexact:
-        notes.append(
-            f"{log.kernel} differs from exact arithmetic by {log.dev:.2e} of the output's range"
-            " on this machine: a kernel problem, not the checkpoint's; the metrics use the exact"
-            " product"
-        )
-    if ref_weight is not None and ref_weight.name != f"{qm.name}.weight":
-        notes.append(f"compared with the reference's {ref_weight.name} (tied source)")
     th = opts.threshold(qm.scheme.name, mode)
     result = LayerResult(
         qm.name,
@@ -261,6 +249,27 @@ def verify_layer(
     )
     result.failures = _failures(result, th)
     return result
+
+
+def _notes(
+    qm: QuantModule, ref_weight: TensorInfo | None, log: _KernelLog, sat: float | None
+) -> list[str]:
+    notes = []
+    if sat is not None:
+        notes.append(
+            f"an x86 int8 GEMM without VNNI (vLLM's oneDNN path on such CPUs) would be off by"
+            f" {sat:.1%} of the output's range here (saturating int16 pairs); verify used exact"
+            " integer math"
+        )
+    if log.inexact:
+        notes.append(
+            f"{log.kernel} differs from exact arithmetic by {log.dev:.2e} of the output's range"
+            " on this machine: a kernel problem, not the checkpoint's; the metrics use the exact"
+            " product"
+        )
+    if ref_weight is not None and ref_weight.name != f"{qm.name}.weight":
+        notes.append(f"compared with the reference's {ref_weight.name} (tied source)")
+    return notes
 
 
 def _blocks(qm: QuantModule, fast: bool) -> list[tuple[int, int, torch.Tensor | None]]:

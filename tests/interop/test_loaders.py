@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from qcli.cli.app import main
-from tests.conftest import load_config
+from tests.builders import load_config
 
 SCHEMES = ["W8A8", "W8A16", "FP8_DYNAMIC", "FP8"]
 IDS = torch.tensor([[1, 17, 42, 99, 311, 7, 256, 3, 64, 128, 5, 200]])

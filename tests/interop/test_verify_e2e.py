@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qcli.cli.app import main
-from tests.conftest import EXAMPLE
+from tests.builders import EXAMPLE
 from tests.test_verify import ZOO
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qcli.cli.app import main
-from tests.conftest import EXAMPLE
+from tests.builders import EXAMPLE
 from tests.test_verify import ZOO
 
 IDS = torch.tensor([[1, 17, 42, 99, 311, 7, 256, 3, 64, 128, 5, 200]])

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qcli.tensors import INDEX_NAME
+from tests.builders import llama_checkpoint as _llama
 from tests.reliability.test_properties import verify_ok
 from tests.reliability.util import assert_one_line_error, leftovers, run_cli, tree_state
-from tests.test_plan import _llama
 
 UNICODE = "modèle ünïcødé 模型 ✓"
 

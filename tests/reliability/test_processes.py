@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qcli.errors import EXIT_INTERRUPTED, EXIT_OUTPUT_FAILED, EXIT_TERMINATED
+from tests.builders import llama_checkpoint as _llama
 from tests.reliability.util import (
     QCLI,
     assert_one_line_error,
@@ -29,7 +30,6 @@ from tests.reliability.util import (
     spawn,
     tree_state,
 )
-from tests.test_plan import _llama
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux process semantics")
 

@@ -29,8 +29,8 @@ from qcli.convert import convert
 from qcli.errors import EXIT_BAD_INPUT, CheckpointError, InputError
 from qcli.schemes import SCHEMES, get_scheme
 from qcli.tensors import DTYPES, INDEX_NAME, open_checkpoint, read_header
+from tests.builders import llama_checkpoint as _llama
 from tests.reliability.util import assert_one_line_error, run_cli, tree_state
-from tests.test_plan import _llama
 
 N = int(os.environ.get("QCLI_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import torch
+
+from tests.builders import H, I
+from tests.builders import llama_checkpoint as _llama
 from tests.reliability.util import assert_one_line_error, run_cli, tree_state
-from tests.test_plan import _llama
 
 
 def _src(tmp: Path, **kw) -> Path:
@@ -139,3 +144,144 @@ def test_untied_model_without_lm_head_is_refused(tmp_path: Path, capsys):
     code, stdout, err = run_cli(capsys, "inspect", src)
     assert "model-00003-of-00003.safetensors is not named" in stdout + err
     assert "no lm_head weight" in stdout + err
+
+
+# --- a valid checkpoint that one loader cannot run: said once -------------------------------
+
+
+def test_int8_moe_experts_are_named_once_in_quantize_and_verify(tmp_path: Path, capsys):
+    """transformers 5.24 cannot load int8 experts (tests/interop/test_moe_loaders.py shows
+    it): quantize warns once, verify reports one finding, for all 24 expert projections."""
+    from tests.builders import moe_checkpoint
+
+    src = moe_checkpoint(tmp_path / "moe")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "quantize", src, out)
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "MoE expert" in ln]
+    assert len(lines) == 1 and "24 MoE expert projections" in lines[0]
+    assert "transformers 5.24" in lines[0] and "AMX" in lines[0] and "FP8_DYNAMIC" in lines[0]
+    code, stdout, err = run_cli(capsys, "verify", out, "--json", "--tokens", "7")
+    assert code == 0, err
+    body = json.loads(stdout)
+    found = [f for f in body["findings"] if f["check"] == "tensors.expert"]
+    assert len(found) == 1 and found[0]["severity"] == "warning"
+    assert "24 MoE expert projection" in found[0]["problem"]
+    assert "transformers 5.24" in found[0]["consequence"]
+    # FP8_DYNAMIC experts load in transformers: nothing to say
+    code, _, err = run_cli(capsys, "quantize", src, tmp_path / "fp8", "-s", "FP8_DYNAMIC")
+    assert code == 0 and "MoE expert" not in err
+
+
+# --- output that scripts and people can use -------------------------------------------------
+
+
+def _shell(cmd: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A command line run by the shell, with stdout a pipe or a file (not a terminal)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
+    return subprocess.run(
+        cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+QCLI_SH = f"{sys.executable} -c 'from qcli.cli.app import run; run()'"
+
+
+def test_results_on_stdout_diagnostics_on_stderr(tmp_path: Path):
+    """`qcli inspect X | grep lm_head` and `qcli verify X > report.txt` work."""
+    src = _src(tmp_path)
+    r = _shell(f"{QCLI_SH} inspect {src} | grep lm_head", tmp_path)
+    assert r.returncode == 0 and "lm_head.weight" in r.stdout and r.stderr == "", r.stderr
+    r = _shell(f"{QCLI_SH} quantize {src} out --lm-head > run.txt", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in (tmp_path / "run.txt").read_text()
+    assert "W8A8 (int-quantized)" in r.stderr  # the plan, as the run starts: a diagnostic
+    r = _shell(f"{QCLI_SH} verify out > report.txt", tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    report = (tmp_path / "report.txt").read_text()
+    assert "verify: ok" in report and "lm_head" in report
+
+
+def test_nothing_is_cut_or_wrapped_when_stdout_is_not_a_terminal(tmp_path: Path):
+    """Tensor names and findings were split mid-word at 80 columns in CI logs."""
+    leaf = "an_unusually_long_projection_name_that_no_terminal_of_eighty_columns_would_hold"
+    name = f"model.layers.0.mlp.{leaf}.weight"
+    src = _llama(tmp_path / "src", extra={name: torch.randn(I, H).bfloat16()})
+    r = _shell(f"{QCLI_SH} inspect {src} --all | cat", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert any(name in line for line in r.stdout.splitlines())
+
+
+def test_errors_with_json_are_json_too(tmp_path: Path, capsys):
+    src = _src(tmp_path)
+    for argv, code in (
+        (["quantize", src, tmp_path / "o", "--scheme", "W4", "--json"], 2),
+        (["inspect", tmp_path / "nowhere", "--json"], 2),
+        (["verify", src, "--json"], 2),  # a dense checkpoint: nothing to verify
+    ):
+        got, stdout, err = run_cli(capsys, *argv)
+        assert got == code
+        body = json.loads(stdout)
+        assert body["exit_code"] == code and body["error"] in err
+        assert_one_line_error(err)
+
+
+def test_tied_config_with_lm_head_on_disk_says_what_was_written(tmp_path: Path, capsys):
+    """A tied config with lm_head.weight on disk printed "lm_head quantized" and "lm_head
+    stays tied" together."""
+    from safetensors.torch import load_file
+
+    src = _src(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    assert "lm_head.weight" in load_file(src / "model.safetensors")
+    code, stdout, err = run_cli(capsys, "quantize", src, tmp_path / "q", "--lm-head")
+    assert code == 0, err
+    said = stdout + err
+    assert "stays tied" not in said
+    head_lines = [ln for ln in said.splitlines() if ln.startswith("lm_head:")]
+    assert head_lines and all("quantized" in ln for ln in head_lines), head_lines
+    assert all("tie_word_embeddings set to false" in ln for ln in head_lines)
+    written = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert written["tie_word_embeddings"] is False
+    code, stdout, err = run_cli(capsys, "quantize", src, tmp_path / "d")
+    assert code == 0, err
+    head_lines = [ln for ln in (stdout + err).splitlines() if ln.startswith("lm_head:")]
+    assert head_lines and all("dense" in ln and "skip" in ln for ln in head_lines)
+
+
+def test_classification_head_stays_dense_unless_named(tmp_path: Path, capsys):
+    """LlamaForSequenceClassification's `score` is kept dense, like lm_head."""
+    src = _src(tmp_path, extra={"score.weight": torch.randn(3, H).bfloat16()})
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = ["LlamaForSequenceClassification"]
+    (src / "config.json").write_text(json.dumps(config))
+    code, stdout, _ = run_cli(capsys, "quantize", src, tmp_path / "a", "--json", "-q")
+    assert code == 0
+    assert "score" in json.loads(stdout)["dense_linear_modules"]
+    code, stdout, err = run_cli(
+        capsys, "quantize", src, tmp_path / "b", "--json", "-q", "-t", "Linear", "-t", "score"
+    )
+    assert code == 0, err
+    assert "score" not in json.loads(stdout)["dense_linear_modules"]
+
+
+def test_a_shard_size_below_the_largest_tensor_says_so(tmp_path: Path, capsys):
+    src = _src(tmp_path)
+    code, _, err = run_cli(capsys, "quantize", src, tmp_path / "o", "--max-shard-size", "1KB")
+    assert code == 0, err
+    assert "smaller than the largest tensor" in err and "a shard of its own" in err
+
+
+def test_verify_says_the_recorded_source_was_deleted(tmp_path: Path, capsys):
+    import shutil
+
+    src = _src(tmp_path)
+    out = tmp_path / "out"
+    assert run_cli(capsys, "quantize", src, out, "-q")[0] == 0
+    shutil.rmtree(src)
+    code, stdout, err = run_cli(capsys, "verify", out, "--json")
+    assert code == 0, err
+    note = json.loads(stdout)["reference_note"]
+    assert "no longer exists" in note and str(src) in note
+    assert "no local source recorded" not in note

@@ -23,10 +23,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qcli import planner
+from qcli import planner, sharding
 from qcli.errors import EXIT_BAD_INPUT, EXIT_OUTPUT_FAILED
 from qcli.schemes import get_scheme
 from qcli.tensors import INDEX_NAME, open_checkpoint
+from tests.builders import H, I
+from tests.builders import llama_checkpoint as _llama
 from tests.reliability.util import (
     assert_one_line_error,
     read_raw,
@@ -35,7 +37,6 @@ from tests.reliability.util import (
     tree_state,
     write_raw,
 )
-from tests.test_plan import H, I, _llama
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 UP = "model.layers.0.mlp.up_proj.weight"
@@ -88,6 +89,29 @@ def _sharded(tmp: Path) -> Path:
 
 def _out(tmp: Path) -> Path:
     return tmp / "out"
+
+
+# --- SRC ---------------------------------------------------------------------------------
+
+
+@case(EXIT_BAD_INPUT, "models/qwen2-tyed: no such folder", "did you mean")
+def source_typo_under_a_local_folder(tmp: Path):
+    # `models/` exists here, so `models/qwen2-tyed` is a path with a typo, not a hub repo
+    (tmp / "models").mkdir()
+    _llama(tmp / "models" / "qwen2-tied")
+    os.chdir(tmp)
+    return "models/qwen2-tyed", _out(tmp), []
+
+
+@case(EXIT_BAD_INPUT, "./nowhere/model: no such folder")
+def source_dot_path_missing(tmp: Path):
+    os.chdir(tmp)
+    return "./nowhere/model", _out(tmp), []
+
+
+@case(EXIT_BAD_INPUT, "SRC is empty")
+def source_argument_empty(tmp: Path):
+    return "", _out(tmp), []
 
 
 # --- broken safetensors files -------------------------------------------------------------
@@ -553,6 +577,26 @@ def output_argument_empty(tmp: Path):
     return _src(tmp), "", ["--overwrite"]
 
 
+@case(EXIT_OUTPUT_FAILED, "output path too long for the filesystem")
+def output_name_too_long(tmp: Path):
+    return _src(tmp), tmp / ("o" * 300), []
+
+
+@case(EXIT_OUTPUT_FAILED, "output path too long for the filesystem")
+def output_parent_name_too_long(tmp: Path):
+    return _src(tmp), tmp / ("p" * 300) / "out", []
+
+
+@case(EXIT_BAD_INPUT, "--max-shard-size", "positive")
+def max_shard_size_zero(tmp: Path):
+    return _src(tmp), _out(tmp), ["--max-shard-size", "0"]
+
+
+@case(EXIT_BAD_INPUT, "--max-shard-size", "cannot read size")
+def max_shard_size_unreadable(tmp: Path):
+    return _src(tmp), _out(tmp), ["--max-shard-size", "lots"]
+
+
 @case(EXIT_BAD_INPUT, "inside the source checkpoint")
 def output_inside_input(tmp: Path):
     src = _src(tmp)
@@ -607,7 +651,10 @@ def failed_run_removes_parents_it_created(tmp: Path):
 
 
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
-def test_zoo(c: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_zoo(
+    c: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a case may name its source relative to the working folder
     src, out, args = c.make(tmp_path)
     before = tree_state(tmp_path)
     code, stdout, err = run_cli(capsys, "quantize", src, out, "--quiet", *args)
@@ -689,7 +736,7 @@ def _shard_sizes(src: Path, max_shard: int) -> list[int]:
 
     plan = planner.build(open_checkpoint(src), planner.PlanOptions(scheme=get_scheme("W8A8")))
     sizes = []
-    for _, tps in planner.shard_layout(plan, max_shard):
+    for _, tps in sharding.shard_layout(plan, max_shard):
         slots = order(s for tp in tps for s in tp.outputs)
         head, _ = encode_header(slots, {"format": "pt"})
         sizes.append(len(head) + sum(s.nbytes for s in slots))

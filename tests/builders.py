@@ -1,0 +1,142 @@
+"""The checkpoints tests are made of, in one place.
+
+- :func:`llama_checkpoint`: a one-layer Llama written with safetensors alone (no
+  transformers): milliseconds, for plans, refusals and the reliability zoo;
+- :func:`make_model`: tiny models saved by transformers itself (seeded random weights), for
+  everything that must load back in a real loader.
+
+Random weights say nothing about accuracy: tests of accuracy use real trained weights
+(tests/interop/test_trained_encoder.py, the SmolLM2 fixture).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "tiny-llama"
+
+LLAMA = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=512,
+    max_position_embeddings=256,
+)
+
+
+def make_model(kind: str, dest: Path, *, max_shard_size: str | None = None, seed: int = 0) -> Path:
+    """Save a tiny random model of `kind` ("llama", "qwen2" (tied)) with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(**LLAMA, tie_word_embeddings=False)
+    elif kind == "llama-tied":
+        cfg = LlamaConfig(**LLAMA, tie_word_embeddings=True)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(**LLAMA, tie_word_embeddings=True)
+    else:
+        raise ValueError(kind)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(dest, **kwargs)
+    return dest
+
+
+H, I, V = 64, 128, 256  # noqa: E741  (hidden, intermediate, vocab)
+
+
+def llama_checkpoint(
+    tmp: Path, *, tied: bool = False, extra: dict | None = None, cfg: dict | None = None
+) -> Path:
+    """A one-layer Llama written tensor by tensor (random, no transformers): fast, for plans,
+    refusals and the reliability zoo. `extra` adds or replaces tensors, `cfg` config keys."""
+    ts = {"model.embed_tokens.weight": torch.randn(V, H).bfloat16()}
+    p = "model.layers.0"
+    for n, shape in {
+        "self_attn.q_proj": (H, H),
+        "self_attn.k_proj": (H, H),
+        "self_attn.v_proj": (H, H),
+        "self_attn.o_proj": (H, H),
+        "mlp.gate_proj": (I, H),
+        "mlp.up_proj": (I, H),
+        "mlp.down_proj": (H, I),
+    }.items():
+        ts[f"{p}.{n}.weight"] = torch.randn(*shape).bfloat16()
+    ts[f"{p}.input_layernorm.weight"] = torch.ones(H).bfloat16()
+    ts["model.norm.weight"] = torch.ones(H).bfloat16()
+    if not tied:
+        ts["lm_head.weight"] = torch.randn(V, H).bfloat16()
+    ts.update(extra or {})
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(ts, tmp / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": H,
+        "intermediate_size": I,
+        "vocab_size": V,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "tie_word_embeddings": tied,
+        **(cfg or {}),
+    }
+    (tmp / "config.json").write_text(json.dumps(config))
+    return tmp
+
+
+def load_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def moe_checkpoint(tmp: Path, *, experts: int = 4, layers: int = 2) -> Path:
+    """A Qwen3-MoE checkpoint written tensor by tensor: experts stored one by one
+    (`mlp.experts.<i>.{gate,up,down}_proj`), routers at `mlp.gate`, as its releases do."""
+    ts = {
+        "model.embed_tokens.weight": torch.randn(V, H).bfloat16(),
+        "model.norm.weight": torch.ones(H).bfloat16(),
+        "lm_head.weight": torch.randn(V, H).bfloat16(),
+    }
+    for n in range(layers):
+        p = f"model.layers.{n}"
+        for proj, shape in {
+            "q_proj": (H, H),
+            "k_proj": (H, H),
+            "v_proj": (H, H),
+            "o_proj": (H, H),
+        }.items():
+            ts[f"{p}.self_attn.{proj}.weight"] = torch.randn(*shape).bfloat16()
+        ts[f"{p}.mlp.gate.weight"] = torch.randn(experts, H).bfloat16()
+        for e in range(experts):
+            for proj, shape in {
+                "gate_proj": (I, H),
+                "up_proj": (I, H),
+                "down_proj": (H, I),
+            }.items():
+                ts[f"{p}.mlp.experts.{e}.{proj}.weight"] = torch.randn(*shape).bfloat16()
+        ts[f"{p}.input_layernorm.weight"] = torch.ones(H).bfloat16()
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(ts, tmp / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_size": H,
+        "moe_intermediate_size": I,
+        "num_experts": experts,
+        "num_experts_per_tok": 2,
+        "vocab_size": V,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "tie_word_embeddings": False,
+    }
+    (tmp / "config.json").write_text(json.dumps(config))
+    return tmp
