@@ -18,6 +18,6 @@ INT8_EXPERTS = (
 
 # vLLM up to 0.32 (#52543) crashes building an fp8 weight-only lm_head.
 FP8_WEIGHT_ONLY_HEAD = (
-    "current vLLM crashes loading an fp8 weight-only lm_head (use FP8_DYNAMIC, or keep"
-    " lm_head dense); transformers loads it"
+    "current vLLM cannot load an fp8 weight-only lm_head (it crashes; use FP8_DYNAMIC, or"
+    " keep lm_head dense); transformers loads it"
 )
