@@ -28,6 +28,7 @@ from qcli.numerics.metrics import compare
 from qcli.schemes import SCHEMES
 from qcli.tensors import TensorInfo, open_checkpoint
 from tests.builders import EXAMPLE
+from tests.zoo import Case, Zoo
 
 SCHEME_NAMES = ["W8A8", "W8A16", "FP8_DYNAMIC"]
 LAYER = "model.layers.1.mlp.down_proj"  # [256, 512]
@@ -251,7 +252,8 @@ def _all_mul(k: float) -> Callable[[torch.Tensor], None]:
 
 # name -> (corruption, the finding check id or "numeric", schemes it applies to)
 ALL = tuple(SCHEME_NAMES)
-ZOO: dict[str, tuple[Callable[[Path], None], str, tuple[str, ...]]] = {
+# name -> (corrupt(out), the check that must fail, the schemes to corrupt)
+_CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, tuple[str, ...]]] = {
     # numeric: only running the layer against its source shows these
     "scale_row_x4": (_set_scale(LAYER, _row_mul(4.0)), "numeric", ALL),
     "weight_row_negated": (_edit_q(LAYER, _negate_row), "numeric", ALL),
@@ -373,7 +375,9 @@ ZOO: dict[str, tuple[Callable[[Path], None], str, tuple[str, ...]]] = {
     ),
 }
 
-CASES = [(name, scheme) for name, (_, _, schemes) in ZOO.items() for scheme in schemes]
+ZOO = Zoo()
+for _name, (_corrupt, _check, _schemes) in _CORRUPTIONS.items():
+    ZOO.add(_name, _corrupt, _check, variants=_schemes)
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -406,11 +410,11 @@ def test_dequantized_mode_verifies(outputs, capsys) -> None:
     assert body["kernels"]["W8A16"]["check"] in ("exact", "float rounding")
 
 
-@pytest.mark.parametrize(("name", "scheme"), CASES, ids=[f"{n}-{s}" for n, s in CASES])
-def test_zoo_corruption_fails(outputs, tmp_path: Path, capsys, name: str, scheme: str) -> None:
-    corrupt, check, _ = ZOO[name]
+@pytest.mark.parametrize(("c", "scheme"), ZOO.params())
+def test_zoo_corruption_fails(outputs, tmp_path: Path, capsys, c: Case, scheme: str) -> None:
+    (check,) = c.expect
     out = _copy(outputs[scheme], tmp_path / "out")
-    corrupt(out)
+    c.make(out)
     # reference: the source, found through qcli_provenance.json
     code, body, err = _verify(capsys, out, "--layers", ZOO_LAYERS)
     assert code == 1, (code, err)

@@ -52,7 +52,7 @@ def test_e2e_correct(sharp: Path, tmp_path: Path, capsys, scheme: str) -> None:
 def test_e2e_catches(sharp: Path, tmp_path: Path, capsys, corruption: str) -> None:
     out = tmp_path / "out"
     assert main(["quantize", str(sharp), str(out), "--lm-head", "--quiet"]) == 0
-    ZOO[corruption][0](out)
+    ZOO[corruption].make(out)
     code, body = _e2e(capsys, out, sharp)
     assert code == 1 and not body["e2e"]["ok"], body["e2e"]
 

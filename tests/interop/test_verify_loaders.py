@@ -59,7 +59,7 @@ def test_flagged_corruption_breaks_transformers(correct, tmp_path: Path, name: s
     assert good_cos > 0.999
     out = tmp_path / "out"
     shutil.copytree(good, out)
-    ZOO[name][0](out)
+    ZOO[name].make(out)
     assert main(["verify", str(out), "--quiet", "--layers", "lm_head"]) == 1
     expected = CONSEQUENCES[name]
     if expected == "fails":

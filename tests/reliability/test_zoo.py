@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,31 +35,15 @@ from tests.reliability.util import (
     tree_state,
     write_raw,
 )
+from tests.zoo import Case, Zoo
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 UP = "model.layers.0.mlp.up_proj.weight"
 SHARD = "model.safetensors"
 
 
-@dataclass
-class Case:
-    """`make(tmp)` builds the inputs and returns (SRC, OUT, extra args)."""
-
-    id: str
-    make: Callable[[Path], tuple[str | Path, Path, list[str]]]
-    code: int
-    needles: tuple[str, ...]
-
-
-CASES: list[Case] = []
-
-
-def case(code: int, *needles: str) -> Callable:
-    def register(fn: Callable) -> Callable:
-        CASES.append(Case(fn.__name__, fn, code, needles))
-        return fn
-
-    return register
+ZOO = Zoo()
+case = ZOO.case  # @case(exit code, *needles the one error line must hold)
 
 
 def _src(tmp: Path, **kw) -> Path:
@@ -650,17 +632,22 @@ def failed_run_removes_parents_it_created(tmp: Path):
     return _src(tmp, extra={UP: w}), tmp / "new" / "deeper" / "out", []
 
 
-@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(("c", "variant"), ZOO.params())
 def test_zoo(
-    c: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    c: Case,
+    variant: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # a case may name its source relative to the working folder
     src, out, args = c.make(tmp_path)
+    code_wanted, *needles = c.expect
     before = tree_state(tmp_path)
     code, stdout, err = run_cli(capsys, "quantize", src, out, "--quiet", *args)
-    assert code == c.code, err
+    assert code == code_wanted, err
     assert stdout == ""
-    assert_one_line_error(err, *c.needles)
+    assert_one_line_error(err, *needles)
     assert tree_state(tmp_path) == before  # input unchanged, nothing left behind
 
 
@@ -685,7 +672,7 @@ def test_usage_errors_are_one_line_too(tmp_path: Path, capsys, argv: list, needl
 
 
 def test_zoo_is_big_enough() -> None:
-    assert len(CASES) >= 25
+    assert len(ZOO) >= 25
 
 
 def test_unmatched_entries_can_be_allowed(tmp_path: Path, capsys) -> None:

@@ -1,0 +1,1 @@
+"""The vLLM CPU conformance suite, step by step (driven by scripts/vllm_conformance.py)."""
