@@ -232,14 +232,12 @@ class _HeaderReader:
 def header_cache_file(repo_id: str, commit: str, name: str) -> Path:
     """Where a fetched header is kept, so `inspect` works offline after one online run.
 
-    A commit's files never change, so entries never go stale. Kept outside huggingface_hub's
-    cache, whose layout and tools (``hf cache``) know only the files it wrote itself.
+    A commit's files never change, so entries never go stale (qcli.cache says where).
     """
-    root = os.environ.get("QCLI_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcli"
-    )
+    from qcli import cache
+
     repo = "models--" + repo_id.replace("/", "--")
-    return Path(root) / "headers" / repo / commit / (name + ".header")
+    return cache.root() / "headers" / repo / commit / (name + ".header")
 
 
 def _load_saved(path: Path) -> tuple[bytes, int] | None:

@@ -1,0 +1,114 @@
+"""The reference pass's results, kept on disk: what the quantized pass needs for exact KL.
+
+As llama.cpp's `--kl-divergence-base` file does, the reference model's log-probabilities of
+every scored position are written once (float32, ``[tokens, vocab]``), so the quantized model
+runs later with the reference out of memory; the same reference, text and settings reuse it.
+Windows are read back one at a time with pread: memory stays at one window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcli import __version__, cache
+from qcli.tensors import buffer_of
+
+LOGPROBS, META = "logprobs.f32", "meta.json"
+
+
+def key(reference: Path, windows: list[list[int]], settings: dict[str, Any]) -> str:
+    """A digest of what the reference pass depends on: the reference's files (name, size,
+    modification time), the token windows, dtype and engine, and qcli's version."""
+    h = hashlib.sha256()
+    files = sorted(p for p in reference.iterdir() if p.is_file())
+    h.update(json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
+    h.update(json.dumps(windows).encode())
+    h.update(json.dumps({**settings, "qcli": __version__}, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class ReferencePass:
+    """The reference's scored positions: log-probabilities, each target's nll, the argmax."""
+
+    folder: Path
+    vocab: int
+    rows: list[int]  # scored positions per window
+    meta: dict[str, Any]
+
+    def read(self, window: int) -> torch.Tensor:
+        """Log-probabilities ``[rows[window], vocab]`` of one window."""
+        start = sum(self.rows[:window]) * self.vocab * 4
+        out = torch.empty(self.rows[window], self.vocab, dtype=torch.float32)
+        buf = buffer_of(out)
+        fd = os.open(self.folder / LOGPROBS, os.O_RDONLY)
+        try:
+            pos = 0
+            while pos < len(buf):
+                n = os.preadv(fd, [buf[pos:]], start + pos)
+                if n <= 0:
+                    raise OSError(f"{self.folder / LOGPROBS} is truncated")
+                pos += n
+        finally:
+            os.close(fd)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.rows) * self.vocab * 4
+
+
+def open_pass(digest: str) -> ReferencePass | None:
+    """The cached reference pass for `digest`, if a complete one is there."""
+    folder = cache.root() / "eval" / digest
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        size = (folder / LOGPROBS).stat().st_size
+    except (OSError, ValueError):
+        return None
+    found = ReferencePass(folder, int(meta["vocab"]), list(meta["rows"]), meta)
+    return found if size == found.nbytes else None
+
+
+class PassWriter:
+    """Writes a reference pass window by window into a temporary folder, renamed into place
+    (under its digest) only when complete."""
+
+    def __init__(self, digest: str, vocab: int):
+        self.final = cache.root() / "eval" / digest
+        self.tmp = self.final.with_name(f".{digest}.tmp-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.vocab = vocab
+        self.rows: list[int] = []
+        self._fd = os.open(self.tmp / LOGPROBS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def add(self, logprobs: torch.Tensor) -> None:
+        t = logprobs.float().contiguous()
+        buf = buffer_of(t)
+        pos = 0
+        while pos < len(buf):
+            pos += os.write(self._fd, buf[pos:])
+        self.rows.append(t.shape[0])
+
+    def finish(self, meta: dict[str, Any]) -> ReferencePass:
+        os.close(self._fd)
+        self._fd = -1
+        body = {**meta, "vocab": self.vocab, "rows": self.rows}
+        (self.tmp / META).write_text(json.dumps(body), encoding="utf-8")
+        shutil.rmtree(self.final, ignore_errors=True)
+        os.rename(self.tmp, self.final)
+        return ReferencePass(self.final, self.vocab, self.rows, body)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""The engines a checkpoint is scored in: transformers (+ compressed-tensors), or vLLM.
+
+An engine loads one model, gives the log-probabilities of every next token of a window, and
+is closed before the next model loads: only one model is ever in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcli import gemm
+from qcli.errors import InputError
+
+
+def compute_dtype() -> torch.dtype:
+    """bfloat16 where the CPU has bf16 arithmetic (AVX-512 BF16, AMX), float32 elsewhere:
+    without it bf16 matmuls are emulated and slower than float32."""
+    flags = _cpu_flags()
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & flags else torch.float32
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class TransformersModel:
+    """One checkpoint in transformers: AutoModelForCausalLM, compressed-tensors decompressing a
+    quantized one as it loads (activations fake-quantized the way its scheme says)."""
+
+    engine = "transformers"
+
+    def __init__(self, path: Path, dtype: torch.dtype):
+        try:
+            import transformers
+        except ImportError:
+            raise InputError("qcli eval needs transformers: pip install transformers") from None
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self.path, self.dtype = path, dtype
+        try:
+            # compressed-tensors draws tqdm bars while it (de)compresses: keep them off
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except Exception as e:  # transformers raises many types; the message is what matters
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"transformers cannot load {path}: {first}") from None
+        self.model.eval()
+
+    def describe(self) -> dict[str, Any]:
+        """Which loader, dtype and kernels ran."""
+        quantized = [
+            m
+            for m in self.model.modules()
+            if getattr(m, "quantization_scheme", None) is not None
+        ]
+        kinds = sorted({type(m).__name__ for m in quantized})
+        dynamic = any(m.quantization_scheme.input_activations is not None for m in quantized)
+        dtype = str(self.dtype).removeprefix("torch.")
+        kernel = f"{dtype} matmul"
+        if quantized:
+            acts = "activations fake-quantized per token" if dynamic else "dense activations"
+            kernel = (
+                f"weights decompressed by compressed-tensors; {acts}; {dtype} matmul"
+                f" ({', '.join(kinds)})"
+            )
+        return {
+            "engine": self.engine,
+            "loader": f"transformers {version('transformers')}"
+            + (f", compressed-tensors {version('compressed-tensors')}" if quantized else ""),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "kernels": kernel,
+            "quantized_modules": len(quantized),
+        }
+
+    @property
+    def vocab(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        """Log-probabilities ``[len(ids), vocab]`` (float32) of the token after each position."""
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            logits = self.model(torch.tensor([ids])).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+
+
+def cpu() -> dict[str, Any]:
+    return {**gemm.cpu_features(), "bf16": torch.bfloat16 == compute_dtype()}
