@@ -1,7 +1,8 @@
 """qcli: quantize Hugging Face checkpoints to 8-bit compressed-tensors, and verify them.
 
 The Python API (qcli.api) is importable from here: ``qcli.quantize``, ``qcli.plan``,
-``qcli.dry_run``, ``qcli.inspect``, ``qcli.verify``; errors are in qcli.errors. The names
+``qcli.dry_run``, ``qcli.inspect``, ``qcli.verify``, ``qcli.eval``,
+``qcli.sensitivity``; errors are in qcli.errors. The names
 load lazily, so ``import qcli`` (and ``qcli --help``) stays instant.
 """
 
@@ -13,7 +14,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category
 
 __version__ = "0.1.0"
 
-_API = ("quantize", "plan", "dry_run", "inspect", "verify", "plan_options")
+_API = ("quantize", "plan", "dry_run", "inspect", "verify", "eval", "sensitivity", "plan_options")
 __all__ = ["__version__", *_API]
 
 

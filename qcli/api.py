@@ -26,6 +26,8 @@ from qcli.schemes import get_scheme
 
 if TYPE_CHECKING:
     from qcli.convert import Result
+    from qcli.evaluation.report import EvalReport
+    from qcli.evaluation.sensitivity import Sensitivity
     from qcli.numerics import Report
     from qcli.summary import Summary
 
@@ -272,5 +274,77 @@ def verify(
         options=opts,
         run_e2e=e2e,
         token=token,
+        progress=progress,
+    )
+
+
+def eval(  # noqa: A001  (the command's name: `qcli eval`)
+    path: str | Path,
+    *,
+    reference: str | None = None,
+    use_provenance: bool = True,
+    texts: Sequence[str | Path] = (),
+    ctx: int = 512,
+    max_tokens: int | None = None,
+    engine: str = "transformers",
+    vllm_python: str | None = None,
+    thresholds: dict[str, float | None] | None = None,
+    update_card: bool = False,
+    token: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> EvalReport:
+    """Perplexity, KL divergence and top-1 agreement of the quantized checkpoint `path`
+    against its dense reference on real text (qcli.evaluation). `thresholds` overrides the
+    scheme's (max_kld_mean, max_kld_p99, max_ln_ppl_ratio, min_top1); `update_card` adds the
+    numbers to the checkpoint's model card. Returns the EvalReport (``.ok``)."""
+    from qcli.evaluation import EvalOptions, evaluate
+
+    overrides = {k: v for k, v in (thresholds or {}).items() if v is not None}
+    opts = EvalOptions(ctx, max_tokens, engine, overrides, vllm_python)
+    report = evaluate(
+        Path(path),
+        reference=reference,
+        use_provenance=use_provenance,
+        texts=texts,
+        options=opts,
+        token=token,
+        progress=progress,
+    )
+    if update_card:
+        from qcli import card
+
+        card.add_eval(Path(path), report)
+    return report
+
+
+def sensitivity(
+    src: str | Path,
+    *,
+    scheme: str = "W8A8",
+    texts: Sequence[str | Path] = (),
+    ctx: int = 512,
+    max_tokens: int | None = None,
+    per_layer: bool = False,
+    kl_budget: float | None = None,
+    ignore: Sequence[str] = (),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Sensitivity:
+    """What quantizing each group of a dense checkpoint's layers with `scheme` costs: lm_head,
+    each projection kind (and with `per_layer` each layer), one group at a time, in memory;
+    ranked by KL. With `kl_budget`, the --ignore list that keeps within it."""
+    from qcli.evaluation import default_corpus, read_texts
+    from qcli.evaluation.sensitivity import run
+
+    folder = source.resolve(str(src)).folder
+    text, _ = read_texts(texts) if texts else default_corpus()
+    return run(
+        folder,
+        get_scheme(scheme),
+        text,
+        ctx=ctx,
+        max_tokens=max_tokens,
+        per_layer=per_layer,
+        kl_budget=kl_budget,
+        ignore=ignore,
         progress=progress,
     )

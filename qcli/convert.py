@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcli import __version__, outdir, provenance
+from qcli import __version__, card, outdir, provenance
 from qcli.errors import InputError, InternalError
 from qcli.planner import COPY, Plan, TensorPlan
 from qcli.sharding import shard_layout
@@ -31,7 +31,13 @@ from qcli.tensors import DTYPES, INDEX_NAME
 
 # Source files that are weights (re-written, never copied) or qcli's own artifacts.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-_NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", provenance.NAME}
+_NOT_COPIED = {
+    "config.json",
+    INDEX_NAME,
+    "pytorch_model.bin.index.json",
+    provenance.NAME,
+    card.NAME,  # the source's model card goes into qcli's own, below it
+}
 BLOCK_BYTES = 16 << 20  # source bytes per task: big enough to amortize, small enough for cache
 COPY_BYTES = 64 << 20
 READ_AHEAD = 256 << 20  # source bytes requested from the disk ahead of the block tasks
@@ -95,18 +101,23 @@ def convert(
         ) as ex:
             for job in jobs:
                 ex.write(job, tmp / job.name, sync)
-        files = write_metadata(plan, tmp, jobs, provenance or {}, sync)
+        files = write_metadata(plan, tmp, jobs, provenance or {}, sync, out.name)
         size = sum((tmp / f).stat().st_size for f in files)
     return Result(out, files, plan.bytes_in, size, time.perf_counter() - t0, plan.counts())
 
 
 def write_metadata(
-    plan: Plan, folder: Path, jobs: list[ShardJob], record: dict[str, Any], sync: bool
+    plan: Plan,
+    folder: Path,
+    jobs: list[ShardJob],
+    record: dict[str, Any],
+    sync: bool,
+    out_name: str,
 ) -> list[str]:
     """Everything of a checkpoint but its shards: the index (sharded output only: loaders
     read a lone model.safetensors without one), config.json, the source's other files
-    (tokenizer, generation config, license, ...) and the provenance. Returns every file name
-    of the output, shards included."""
+    (tokenizer, generation config, license, ...), the model card and the provenance. Returns
+    every file name of the output, shards included."""
     files = [job.name for job in jobs]
     if len(jobs) > 1:
         wmap = {s.name: job.name for job in jobs for s in job.slots}
@@ -129,7 +140,12 @@ def write_metadata(
             continue
         shutil.copyfile(p, folder / p.name)
         copied.append(p.name)
-    files = ["config.json", *files, *copied, provenance.NAME]
+    source_card = plan.checkpoint.folder / card.NAME
+    text = (
+        source_card.read_text(encoding="utf-8", errors="replace") if source_card.is_file() else None
+    )
+    (folder / card.NAME).write_text(card.render(plan, out_name, record, text), encoding="utf-8")
+    files = ["config.json", *files, *copied, card.NAME, provenance.NAME]
     provenance.write(
         folder,
         {

@@ -140,3 +140,33 @@ def moe_checkpoint(tmp: Path, *, experts: int = 4, layers: int = 2) -> Path:
     }
     (tmp / "config.json").write_text(json.dumps(config))
     return tmp
+
+
+def add_tokenizer(folder: Path, vocab: int = 512, bos: bool = True) -> Path:
+    """A byte-level BPE tokenizer of `vocab` tokens trained on qcli's corpus, saved into a
+    model folder, so that tiny random models can be scored on text (eval's structure tests;
+    their numbers say nothing about accuracy)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from qcli.evaluation import default_corpus
+
+    specials = ["<|endoftext|>", "<s>"] if bos else ["<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([default_corpus()[0]], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        **({"bos_token": "<s>"} if bos else {}),
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

@@ -69,9 +69,7 @@ class TransformersModel:
     def describe(self) -> dict[str, Any]:
         """Which loader, dtype and kernels ran."""
         quantized = [
-            m
-            for m in self.model.modules()
-            if getattr(m, "quantization_scheme", None) is not None
+            m for m in self.model.modules() if getattr(m, "quantization_scheme", None) is not None
         ]
         kinds = sorted({type(m).__name__ for m in quantized})
         dynamic = any(m.quantization_scheme.input_activations is not None for m in quantized)
@@ -101,6 +99,10 @@ class TransformersModel:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             logits = self.model(torch.tensor([ids])).logits[0]
         return torch.log_softmax(logits.float(), dim=-1)
+
+    def scored(self, ids: list[int], first: int) -> torch.Tensor:
+        """Log-probabilities of the positions that predict the targets ids[first:]."""
+        return self.logprobs(ids)[first - 1 : -1]
 
     def close(self) -> None:
         del self.model

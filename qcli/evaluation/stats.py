@@ -87,7 +87,7 @@ class Comparison:
         kl: torch.Tensor,
         same_top1: torch.Tensor,
     ) -> Comparison:
-        diff = (nll_q.double() - nll_ref.double())
+        diff = nll_q.double() - nll_ref.double()
         n = diff.numel()
         sd = float(diff.std()) if n > 1 else 0.0
         return cls(
@@ -112,9 +112,7 @@ class Comparison:
         }
 
 
-def token_scores(
-    logp: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def token_scores(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(nll of each target, argmax) from log-probabilities ``[n, vocab]``."""
     nll = -logp.gather(1, targets.reshape(-1, 1)).reshape(-1)
     return nll, logp.argmax(dim=1)
