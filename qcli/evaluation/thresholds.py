@@ -38,8 +38,17 @@ class EvalThresholds:
         return replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
-_INT8 = EvalThresholds(max_kld_mean=0.1, max_kld_p99=1.0, max_ln_ppl_ratio=0.1, min_top1=0.85)
-_FP8 = EvalThresholds(max_kld_mean=0.1, max_kld_p99=1.0, max_ln_ppl_ratio=0.1, min_top1=0.85)
+# Measured (qcli eval, qcli's corpus: 5,110 tokens; benchmarks/results/eval-smollm2.json):
+#                     KL mean  KL p99  ln(PPL ratio)  top-1
+#   W8A8               0.033    0.21       0.032      0.886
+#   W8A8 + lm_head     0.040    0.22       0.041      0.873
+#   FP8_DYNAMIC        0.026    0.14       0.025      0.893
+#   FP8_DYN + lm_head  0.045    0.18       0.045      0.853
+#   lm_head row x4     31.0     65.8       31.5       0.172   (planted faults, W8A8 + lm_head)
+#   scales x0.5         5.96    11.1        5.9       0.050
+# A 135M model rounded to 4 bits once is among the most sensitive: larger models lose less.
+_INT8 = EvalThresholds(max_kld_mean=0.1, max_kld_p99=0.6, max_ln_ppl_ratio=0.1, min_top1=0.75)
+_FP8 = _INT8  # fp8 and int8 measured alike here; kept apart so either can move alone
 THRESHOLDS = {"W8A8": _INT8, "W8A16": _INT8, "FP8_DYNAMIC": _FP8, "FP8": _FP8}
 
 
