@@ -257,7 +257,6 @@ def verify(
     seed: int = 0,
     token: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
-    e2e: bool = False,
 ) -> Report:
     """Contract checks and every quantized layer's GEMM against the dense layer.
 
@@ -272,7 +271,6 @@ def verify(
         use_provenance=use_provenance,
         layers=layers,
         options=opts,
-        run_e2e=e2e,
         token=token,
         progress=progress,
     )

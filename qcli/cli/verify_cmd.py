@@ -26,7 +26,9 @@ Examples:
 
   qcli verify ./big-model --fast --layers 'layers\\.(0|31)\\.|lm_head'
 
-  qcli verify ./out --reference ./src --e2e --json | jq '.layers[] | select(.ok | not)'
+  qcli verify ./out --reference ./src --json | jq '.layers[] | select(.ok | not)'
+
+  (what a checkpoint costs on real text, end to end: qcli eval)
 
 Exit codes: 0 every check holds; 1 a check failed; 2 unusable input.
 """
@@ -74,7 +76,7 @@ def verify_command(
     e2e: Annotated[
         bool,
         typer.Option(
-            "--e2e", help="Also run both models in transformers: logits KL and top-1 agreement."
+            "--e2e", help="Gone: `qcli eval` measures the checkpoint on real text.", hidden=True
         ),
     ] = False,
     token: TokenOpt = None,
@@ -92,6 +94,11 @@ def verify_command(
 
     if reference and no_reference:
         raise InputError("--reference and --no-reference contradict each other")
+    if e2e:
+        raise InputError(
+            "verify --e2e is gone: `qcli eval OUT` measures perplexity, KL and top-1 on real"
+            " text, one model in memory at a time"
+        )
     output = Output(as_json=as_json, quiet=quiet)
     with output.progress("verify", None, unit="layers") as bar:
         result = qcli.verify(
@@ -102,7 +109,6 @@ def verify_command(
             fast=fast,
             tokens=_parse_tokens(tokens),
             seed=seed,
-            e2e=e2e,
             token=token,
             progress=lambda done, total, name: bar.update(done, total, name),
         )

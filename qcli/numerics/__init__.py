@@ -27,11 +27,11 @@ def verify_checkpoint(
     use_provenance: bool = True,
     layers: str | None = None,
     options: VerifyOptions | None = None,
-    run_e2e: bool = False,
     token: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Report:
-    """Contract checks, then every selected quantized layer, then (optionally) end to end.
+    """Contract checks, then every selected quantized layer (end to end on real text is
+    `qcli eval`, qcli.evaluation).
 
     Raises InputError for input that cannot be verified at all (exit code 2); everything
     wrong with the checkpoint itself is in the Report.
@@ -57,8 +57,6 @@ def verify_checkpoint(
             report.reference_note = (
                 f"the source in {provenance.NAME} does not match ({e}): {references.NO_REFERENCE}"
             )
-    if run_e2e and ref is None:
-        raise InputError(f"--e2e needs a reference: pass --reference SRC ({report.reference_note})")
     if ref is not None:
         skip = {qm.name for qm in found.modules}
         found.findings.extend(
@@ -68,8 +66,4 @@ def verify_checkpoint(
         report.layers.append(result)
         if progress:
             progress(i + 1, len(modules), result.module)
-    if run_e2e and ref is not None:
-        from qcli.numerics.e2e import e2e
-
-        report.e2e = e2e(out, ref.folder, opts.seed)
     return report

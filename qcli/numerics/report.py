@@ -16,7 +16,7 @@ from qcli.numerics.thresholds import DEQUANTIZED, REFERENCE
 
 @dataclass
 class Report:
-    """Everything verify found: contract findings, per-layer numbers, end-to-end numbers."""
+    """Everything verify found: contract findings and per-layer numbers."""
 
     checkpoint: Path
     contract: Contract
@@ -25,13 +25,11 @@ class Report:
     options: VerifyOptions
     layers_filter: str | None = None
     layers: list[LayerResult] = field(default_factory=list)
-    e2e: dict[str, Any] | None = None
     cpu: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        e2e_ok = self.e2e is None or self.e2e["ok"]
-        return self.contract.ok and all(r.ok for r in self.layers) and e2e_ok
+        return self.contract.ok and all(r.ok for r in self.layers)
 
     @property
     def exit_code(self) -> int:
@@ -83,5 +81,4 @@ class Report:
             },
             "lm_head": head[0].to_json() if head else None,
             "layers": [r.to_json() for r in self.layers],
-            "e2e": self.e2e,
         }

@@ -168,6 +168,10 @@ def test_int8_moe_experts_are_named_once_in_quantize_and_verify(tmp_path: Path, 
     assert len(found) == 1 and found[0]["severity"] == "warning"
     assert "24 MoE expert projection" in found[0]["problem"]
     assert "transformers 5.24" in found[0]["consequence"]
+    # eval (which replaced verify --e2e) stops before loading, with the same one message
+    code, _, err = run_cli(capsys, "eval", out)
+    assert code == 2
+    assert_one_line_error(err, "transformers 5.24", "AMX")
     # FP8_DYNAMIC experts load in transformers: nothing to say
     code, _, err = run_cli(capsys, "quantize", src, tmp_path / "fp8", "-s", "FP8_DYNAMIC")
     assert code == 0 and "MoE expert" not in err

@@ -48,20 +48,6 @@ def show_report(out: Output, r: Report, show_all: bool) -> None:
             " here for full-range int8 weights; verify computed exact integer math instead, so"
             " the numbers above judge the checkpoint, not this CPU's kernel[/]"
         )
-    if r.e2e is not None:
-        e = r.e2e
-        mark = "[green]ok[/]" if e["ok"] else "[red]" + escape("; ".join(e["failures"])) + "[/]"
-        conf = e["confident_top1_agreement"]
-        judged = (
-            f"{conf:.1%} on {e['confident_positions']} confident positions"
-            if conf is not None
-            else "not judged: the reference is confident nowhere (random weights?)"
-        )
-        out.result(
-            f"end to end ({e['loader']}, {e['positions']} positions): logits KL"
-            f" {float(e['kl']):.3g} nats, top-1 agreement {e['top1_agreement']:.1%} ({judged})"
-            f" {mark}"
-        )
     failed = [layer for layer in r.layers if not layer.ok]
     if r.ok:
         out.result(
@@ -74,8 +60,6 @@ def show_report(out: Output, r: Report, show_all: bool) -> None:
             parts.append(f"{len(r.contract.errors)} contract error(s)")
         if failed:
             parts.append(f"{len(failed)} layer(s) out of bounds")
-        if r.e2e is not None and not r.e2e["ok"]:
-            parts.append("end-to-end check")
         out.result(f"[bold red]verify: FAILED[/] — {', '.join(parts)}")
 
 
