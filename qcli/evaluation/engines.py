@@ -56,6 +56,7 @@ class TransformersModel:
             raise InputError("qcli eval needs transformers: pip install transformers") from None
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+        steady_malloc()
         self.path, self.dtype = path, dtype
         try:
             # compressed-tensors draws tqdm bars while it (de)compresses: keep them off
@@ -97,8 +98,9 @@ class TransformersModel:
     def logprobs(self, ids: list[int]) -> torch.Tensor:
         """Log-probabilities ``[len(ids), vocab]`` (float32) of the token after each position."""
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            logits = self.model(torch.tensor([ids])).logits[0]
-        return torch.log_softmax(logits.float(), dim=-1)
+            logits = self.model(torch.tensor([ids])).logits[0].float()
+        # in place: a window's logits are the largest tensor of a pass (512 x vocab floats)
+        return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
     def scored(self, ids: list[int], first: int) -> torch.Tensor:
         """Log-probabilities of the positions that predict the targets ids[first:]."""
@@ -106,7 +108,34 @@ class TransformersModel:
 
     def close(self) -> None:
         del self.model
-        gc.collect()
+        release_memory()
+
+
+def steady_malloc() -> None:
+    """Large blocks straight from mmap, back to the OS on free (glibc's M_MMAP_THRESHOLD,
+    fixed at 1 MB). By default glibc raises that threshold as big blocks come and go, and
+    then keeps freed logits and activations in the heaps of torch's threads: a second model
+    loaded after the first (or a window after the last) finds them still taken. Measured on
+    SmolLM2-135M (benchmarks/eval_memory.py): the quantized pass peaked at 1.6-1.8 GB with
+    the default, 1.2 GB with this, one model being 1.18 GB."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def release_memory() -> None:
+    """Collect, and hand freed heap back to the OS (glibc's malloc_trim): a closed model's
+    memory must be gone before the next model loads, not kept in malloc's free lists."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the collector's work is all there is
+        pass
 
 
 def cpu() -> dict[str, Any]:

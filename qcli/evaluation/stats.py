@@ -121,6 +121,6 @@ def token_scores(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
 def kl_per_token(logp_ref: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
     """``sum_v p_ref (log p_ref - log p_q)`` per row, in float64 sums; 0 where p_ref is 0."""
     p = logp_ref.exp()
-    terms = p * (logp_ref - logp_q)
-    terms = torch.where(p > 0, terms, torch.zeros_like(terms))  # 0 * (-inf - x) is 0, not nan
-    return terms.double().sum(dim=1).clamp_(min=0.0)
+    terms = (logp_ref - logp_q).mul_(p)
+    terms.masked_fill_(p == 0, 0.0)  # 0 * (-inf - x) is 0, not nan
+    return terms.sum(dim=1, dtype=torch.float64).clamp_(min=0.0)

@@ -4,8 +4,8 @@ vLLM runs in a Python of its own (its venv pins its own transformers): qcli star
 qcli/evaluation/vllm_worker.py there, sends it windows and reads back, per position, the
 target token's log-probability and vLLM's top-k. Perplexity and top-1 agreement are then
 exact; the KL divergence is a lower bound: it is computed on the tokens both models list in
-their top-k plus one bucket for the rest (merging outcomes never raises KL), which on a
-trained model's peaked distributions is within a few percent of the full sum.
+their top-1000 plus one bucket for the rest (merging outcomes never raises KL): measured on
+SmolLM2-135M, 91-95% of transformers' exact sum (tests/vllm/test_eval_vllm.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from qcli.errors import InputError
 
-TOPK = 20
+TOPK = 1000
 WORKER = Path(__file__).with_name("vllm_worker.py")
 REST_FLOOR = 1e-6
 

@@ -79,7 +79,7 @@ def _kernels(llm) -> dict:
             label = f"{type(scheme).__name__ if scheme else type(method).__name__} / {kernel}"
             if name.endswith("lm_head"):
                 head = label
-            else:
+            elif "KVCache" not in label and "Embedding" not in label:
                 found.add(label)
         return {"linear": sorted(found), "lm_head": head}
 
