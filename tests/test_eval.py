@@ -187,3 +187,86 @@ def test_update_card_adds_the_table(tiny, capsys, tmp_path) -> None:
     assert "## Accuracy: `qcli eval`" in text and "KL mean" in text
     main(["eval", str(out), "--update-card", "--ctx", "64", "--max-tokens", "63", "-q"])
     assert (out / "README.md").read_text().count("## Accuracy") == 1  # replaced, not added
+
+
+def test_vllm_engine_without_vllm_says_so(tiny, capsys) -> None:
+    import sys
+
+    code = main(["eval", str(tiny["W8A8"]), "--engine", "vllm", "--vllm-python", sys.executable])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "has no vLLM" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sensitivity_ranks_every_group_and_meets_a_budget(tiny, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("QCLI_CACHE_DIR", str(tmp_path / "cache"))
+    capsys.readouterr()
+    code = main(
+        [
+            "eval",
+            str(tiny["src"]),
+            "--sensitivity",
+            "--scheme",
+            "W8A8",
+            "--json",
+            "-q",
+            "--ctx",
+            "64",
+            "--max-tokens",
+            "126",
+            "--kl-budget",
+            "0",
+            "--per-layer",
+        ]  # fmt: skip
+    )
+    assert code == 0
+    body = json.loads(capsys.readouterr().out)
+    names = [g["group"] for g in body["groups"]]
+    assert {"lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+            "down_proj", "layer 0", "layer 1"} == set(names)  # fmt: skip
+    kls = [g["kld"]["mean"] for g in body["groups"]]
+    assert kls == sorted(kls, reverse=True)
+    # the units keep vLLM's fused layers together; a budget of 0 keeps every unit dense
+    assert body["units"]["k_proj/q_proj/v_proj"] == ["k_proj", "q_proj", "v_proj"]
+    assert sorted(body["ignore"]) == sorted(
+        [
+            "lm_head",
+            "re:.*\\.q_proj$",
+            "re:.*\\.k_proj$",
+            "re:.*\\.v_proj$",
+            "re:.*\\.o_proj$",
+            "re:.*\\.gate_proj$",
+            "re:.*\\.up_proj$",
+            "re:.*\\.down_proj$",
+        ]  # fmt: skip
+    )
+    assert abs(body["kl_estimate_with_ignore"]) < 1e-12  # nothing left quantized
+
+
+def test_a_group_quantized_in_memory_is_put_back(tiny) -> None:
+    """Sensitivity quantizes one group at a time in the loaded model: afterwards every weight
+    is the original one again, and a tied lm_head is tied again."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qcli.evaluation.sensitivity import _quantized
+    from qcli.schemes import get_scheme
+
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=96,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 96, (1, 9))
+    dense = model(x).logits
+    with _quantized(model, ["lm_head", "model.layers.0.mlp.down_proj"], get_scheme("W8A8")):
+        assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied meanwhile
+        assert not torch.equal(model(x).logits, dense)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model(x).logits, dense)

@@ -125,7 +125,8 @@ def run(
         scheme.name, found[0].comparison.reference.ppl, wins.tokens, found, _units(groups)
     )
     if kl_budget is not None:
-        _meet_budget(result, kl_budget)
+        head = plan.head.name if plan.head.state == planner.QUANTIZED else None
+        _meet_budget(result, kl_budget, head)
     return result
 
 
@@ -177,7 +178,7 @@ def ignore_entry(group: str, head: str | None = None) -> str:
     return f"re:.*\\.{re.escape(group)}$"
 
 
-def _meet_budget(s: Sensitivity, budget: float) -> None:
+def _meet_budget(s: Sensitivity, budget: float, head: str | None) -> None:
     """Keep the costliest units dense until the estimated KL (the sum over the units still
     quantized) fits the budget."""
     cost = {g.name: g.comparison.kld.mean for g in s.ranked}
@@ -188,7 +189,7 @@ def _meet_budget(s: Sensitivity, budget: float) -> None:
         if total <= budget:
             break
         total -= sum(cost[g] for g in members)
-        ignore += [ignore_entry(g) for g in members]
+        ignore += [ignore_entry(g, head) for g in members]
     s.budget, s.ignore, s.budget_estimate = budget, ignore, total
 
 
