@@ -229,8 +229,9 @@ def inspect(
     token: str | None = None,
     **options: Any,
 ) -> Inspection:
-    """A checkpoint's summary from its headers (dense or quantized), and for a dense one (or
-    when `options` are given) the plan quantize would execute."""
+    """A checkpoint's summary from its headers (dense or quantized), and for a dense one, a
+    release quantize re-quantizes (block fp8), or when `options` are given, the plan quantize
+    would execute."""
     from qcli import summary
 
     opts = plan_options(**options)  # a bad option fails before anything is read
@@ -238,7 +239,8 @@ def inspect(
     found = summary.summarize(opened)
     explicit = bool(options)
     made, error = None, None
-    if not found.quantized or explicit:
+    requantize = found.quantization is not None and found.quantization.requantizable
+    if not found.quantized or explicit or requantize:
         try:
             made = planner.build(opened.checkpoint, opts)
         except QcliError as e:

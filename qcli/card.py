@@ -34,30 +34,33 @@ def is_qcli_card(path: Path) -> bool:
         return False
 
 
-def command(source: dict[str, Any], out_name: str, options: dict[str, Any]) -> str:
-    """The quantize command that makes this output, from the recorded options (names, not
-    paths: the card is the same wherever the folders are)."""
-    src = source.get("repo_id") or Path(str(source.get("path", "SRC"))).name
-    args = ["qcli", "quantize", str(src), out_name, "--scheme", str(options["scheme"])]
-    if options.get("lm_head"):
+def source_name(source: dict[str, Any]) -> str:
+    return str(source.get("repo_id") or Path(str(source.get("path", "SRC"))).name)
+
+
+def command(source: dict[str, Any], plan: Plan) -> str:
+    """The quantize command that makes this output, from the plan's options (the source's
+    name, not its path, and OUT: the card is the same wherever the folders are)."""
+    opts = plan.options
+    args = ["qcli", "quantize", source_name(source), "OUT", "--scheme", opts.scheme.name]
+    if opts.lm_head:
         args.append("--lm-head")
-    if list(options.get("targets") or []) != ["Linear"]:
-        for t in options.get("targets") or []:
+    if list(opts.targets) != ["Linear"]:
+        for t in opts.targets:
             args += ["--targets", t]
-    for i in options.get("ignore") or []:
+    for i in opts.ignore:
         args += ["--ignore", i]
-    if options.get("default_ignore") is False:
+    if not opts.default_ignore:
         args.append("--no-default-ignore")
-    if options.get("int8_max", 127) != 127:
-        args += ["--int8-max", str(options["int8_max"])]
+    if opts.int8_max != 127:
+        args += ["--int8-max", str(opts.int8_max)]
     return shlex.join(args)
 
 
-def render(plan: Plan, out_name: str, record: dict[str, Any], source_card: str | None) -> str:
+def render(plan: Plan, record: dict[str, Any], source_card: str | None) -> str:
     """The whole README.md for the output of `plan`."""
     scheme = plan.scheme
     source = record.get("source") or {}
-    options = record.get("options") or {}
     front, body = _split(source_card)
     qtype = "int8" if scheme.qtype == "int8" else "fp8"
     lines = ["---"]
@@ -73,14 +76,14 @@ def render(plan: Plan, out_name: str, record: dict[str, Any], source_card: str |
         "- qcli",
     ]
     lines += [ln for ln in front.splitlines() if ln.split(":")[0].strip() in _CARRIED]
-    lines += ["---", MARK, "", f"# {out_name}", ""]
+    lines += ["---", MARK, "", f"# {source_name(source)}: {scheme.name}", ""]
     lines += [
         f"{scheme.name} ({scheme.description}) of {source.get('repo_id') or 'its source'},"
         " quantized with qcli, in the compressed-tensors format that vLLM and transformers"
         " load.",
         "",
         "```sh",
-        command(source, out_name, options),
+        command(source, plan),
         "```",
         "",
         "| | |",

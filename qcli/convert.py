@@ -24,7 +24,7 @@ from typing import Any
 
 from qcli import __version__, card, outdir, provenance
 from qcli.errors import InputError, InternalError
-from qcli.planner import COPY, Plan, TensorPlan
+from qcli.planner import COPY, QUANTIZE, Plan, TensorPlan
 from qcli.sharding import shard_layout
 from qcli.shards import ShardWriter, index_json
 from qcli.tensors import DTYPES, INDEX_NAME
@@ -101,7 +101,7 @@ def convert(
         ) as ex:
             for job in jobs:
                 ex.write(job, tmp / job.name, sync)
-        files = write_metadata(plan, tmp, jobs, provenance or {}, sync, out.name)
+        files = write_metadata(plan, tmp, jobs, provenance or {}, sync)
         size = sum((tmp / f).stat().st_size for f in files)
     return Result(out, files, plan.bytes_in, size, time.perf_counter() - t0, plan.counts())
 
@@ -112,7 +112,6 @@ def write_metadata(
     jobs: list[ShardJob],
     record: dict[str, Any],
     sync: bool,
-    out_name: str,
 ) -> list[str]:
     """Everything of a checkpoint but its shards: the index (sharded output only: loaders
     read a lone model.safetensors without one), config.json, the source's other files
@@ -144,7 +143,7 @@ def write_metadata(
     text = (
         source_card.read_text(encoding="utf-8", errors="replace") if source_card.is_file() else None
     )
-    (folder / card.NAME).write_text(card.render(plan, out_name, record, text), encoding="utf-8")
+    (folder / card.NAME).write_text(card.render(plan, record, text), encoding="utf-8")
     files = ["config.json", *files, *copied, card.NAME, provenance.NAME]
     provenance.write(
         folder,
@@ -237,7 +236,7 @@ class Executor:
                     nxt = ordered[advised].info
                     _advise(self.fds[nxt.file], nxt.start, nxt.nbytes)
                     advised += 1
-                tensor = _TensorTasks(tp, writer, self.fds[tp.info.file], self.ready)
+                tensor = _TensorTasks(tp, writer, self.fds, self.ready)
                 for fn, nbytes in tensor.tasks():
                     while len(inflight) >= 2 * self.workers:
                         self._drain(inflight)
@@ -267,8 +266,11 @@ class Executor:
 class _TensorTasks:
     """The block tasks of one tensor, and the scales they return until all are in."""
 
-    def __init__(self, tp: TensorPlan, writer: ShardWriter, fd: int, ready: threading.Event):
-        self.tp, self.writer, self.fd, self.ready = tp, writer, fd, ready
+    def __init__(
+        self, tp: TensorPlan, writer: ShardWriter, fds: dict[Path, int], ready: threading.Event
+    ):
+        self.tp, self.writer, self.fds, self.ready = tp, writer, fds, ready
+        self.fd = fds[tp.info.file]
         self.left = 0
         self.scales: list[tuple[int, Any]] = []
         self.complete = False
@@ -293,10 +295,12 @@ class _TensorTasks:
         else:
             rows, cols = info.shape
             row_bytes = cols * DTYPES[info.dtype][0]
-            step = max(1, BLOCK_BYTES // row_bytes)
+            # a decoded source block is float32 in memory: size the block by that
+            step = max(1, BLOCK_BYTES // (cols * 4 if tp.stored else row_bytes))
+            work = self.quantize if tp.action == QUANTIZE else self.dequantize
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                out.append(((lambda a=r0, b=r1: self.quantize(a, b)), (r1 - r0) * row_bytes))
+                out.append(((lambda a=r0, b=r1: work(a, b)), (r1 - r0) * row_bytes))
         self.left = len(out)
         return out
 
@@ -307,11 +311,10 @@ class _TensorTasks:
         import torch
 
         from qcli import quant
-        from qcli.tensors import read_rows
 
         tp, qz = self.tp, self.tp.quantizer
         assert qz is not None
-        w = read_rows(tp.info, self.fd, r0, r1)
+        w = self._dense_rows(r0, r1)
         scale_dtype = getattr(torch, DTYPES[qz.scale_dtype][1])
         try:
             q, scale = quant.quantize_weight(w, qz.qtype, scale_dtype, qmax=qz.qmax)
@@ -333,6 +336,23 @@ class _TensorTasks:
         self.writer.write_at(tp.outputs[0].name, r0 * row_bytes, stored)
         return (r0, scale)
 
+    def _dense_rows(self, r0: int, r1: int):
+        """The weight's dense rows: as stored, or decoded from the source's quantization."""
+        from qcli.tensors import read_rows
+
+        if self.tp.stored is None:
+            return read_rows(self.tp.info, self.fd, r0, r1)
+        return self.tp.stored.rows(lambda t, a, b: read_rows(t, self.fds[t.file], a, b), r0, r1)
+
+    def dequantize(self, r0: int, r1: int) -> None:
+        """A quantized source weight kept dense: its decoded rows, in the output's dtype."""
+        self.ready.wait()
+        import torch
+
+        slot = self.tp.outputs[0]
+        w = self._dense_rows(r0, r1).to(getattr(torch, DTYPES[slot.dtype][1]))
+        self.writer.write_at(slot.name, r0 * w.shape[1] * w.element_size(), w)
+
     def block_done(self, part: tuple[int, Any] | None) -> None:
         if part is not None:
             self.scales.append(part)
@@ -343,7 +363,7 @@ class _TensorTasks:
     def _finish(self) -> None:
         """All blocks of a tensor are in: write its scales (and shape), mark it complete."""
         tp = self.tp
-        if tp.action == COPY:
+        if tp.action != QUANTIZE:
             self.writer.done(tp.outputs[0].name)
         else:
             import torch

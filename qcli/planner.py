@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcli import heads, kinds, layout, rules
+from qcli import dequant, heads, kinds, layout, rules
+from qcli.dequant import Stored
 from qcli.errors import InputError, PlanError
 from qcli.heads import Head
 from qcli.layout import Layout
@@ -24,7 +25,7 @@ from qcli.schemes import Scheme, quantization_config
 from qcli.shards import Slot
 from qcli.tensors import FLOAT_DTYPES, Checkpoint, TensorInfo, natural_key
 
-QUANTIZE, COPY = "quantize", "copy"
+QUANTIZE, COPY, DEQUANTIZE = "quantize", "copy", "dequantize"
 QUANTIZED, DENSE, ABSENT = "quantized", "dense", "absent"
 
 
@@ -55,6 +56,7 @@ class Quantizer:
     layout: Layout
     scale_dtype: str  # safetensors dtype of the stored scale
     shape: tuple[int, int]  # the dense weight's [out, in]
+    stored: Stored | None = None  # the source's own quantization, decoded first
 
 
 @dataclass
@@ -70,6 +72,7 @@ class TensorPlan:
     outputs: list[Slot]
     quantizer: Quantizer | None = None  # set exactly when action is QUANTIZE
     note: str = ""  # e.g. "untied from model.embed_tokens.weight"
+    stored: Stored | None = None  # a quantized source weight: decoded (DEQUANTIZE: only that)
 
     @property
     def bytes_in(self) -> int:
@@ -216,8 +219,9 @@ class Plan:
 def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
     """Decide every tensor's fate; raises PlanError when the options cannot apply."""
     _check_options(opts)
-    refuse_quantized(ck)
-    config = ck.config or {}
+    stored = dequant.find(ck)  # a quantized release is decoded and quantized again
+    _refuse_unreadable(ck, stored)
+    config = {k: v for k, v in (ck.config or {}).items() if k != "quantization_config"}
     shapes = {n: (t.dtype, t.shape) for n, t in ck.tensors.items()}
     try:
         modules = kinds.classify(shapes, config)
@@ -229,7 +233,7 @@ def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
     _refuse_non_linear_targets(modules, matcher)
     selected = _select(modules, head, opts, matcher)
     head_plan = _head_plan(head, selected, modules)
-    plans = _tensor_plans(ck, modules, selected, head_plan, opts)
+    plans = _tensor_plans(ck, modules, selected, head_plan, opts, stored)
     _refuse_collisions(plans)
     warnings = list(ck.warnings) + _unmatched(modules, head, selected, matcher, opts)
     quantized = sorted((n for n, s in selected.items() if s.selected), key=natural_key)
@@ -269,17 +273,13 @@ def _check_options(opts: PlanOptions) -> None:
         )
 
 
-def refuse_quantized(ck: Checkpoint) -> None:
-    qc = (ck.config or {}).get("quantization_config")
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-        raise InputError(
-            f"{ck.folder} is already quantized (quantization_config, quant_method={method});"
-            " qcli quantizes dense checkpoints"
-        )
+def _refuse_unreadable(ck: Checkpoint, stored: Mapping[str, Stored]) -> None:
+    """A quantized tensor that is none of the weights qcli decodes (or their scales)."""
+    known = set(stored) | dequant.consumed(stored)
     for name, t in ck.tensors.items():
-        if layout.proves_quantized(name, t.dtype):
-            raise InputError(f"{ck.folder} is already quantized: tensor {name!r} ({t.dtype})")
+        if name not in known and layout.proves_quantized(name, t.dtype):
+            why = "" if stored else " and config.json does not say how (no quantization_config)"
+            raise InputError(f"{ck.folder} is already quantized: tensor {name!r} ({t.dtype}){why}")
 
 
 # Architecture suffixes of models with an output head over the vocabulary.
@@ -352,15 +352,30 @@ def _tensor_plans(
     selected: Mapping[str, Match],
     head: HeadPlan,
     opts: PlanOptions,
+    stored: Mapping[str, Stored],
 ) -> list[TensorPlan]:
     plans: list[TensorPlan] = []
     owner = {t: m for m in modules.values() for t in m.tensors}
+    consumed = dequant.consumed(stored)
+    dense_dtype = _dense_dtype(ck)
     for name, info in ck.tensors.items():
+        if name in consumed or (stored and name.endswith(".input_scale")):
+            continue  # a source scale: the weight it decodes is written anew
         m = owner.get(name)
         mod_name, kind = (m.name, m.kind) if m else (name.rsplit(".", 1)[0], kinds.OTHER)
         match = selected.get(mod_name)
         if m is not None and match is not None and match.selected and name == m.weight:
-            plans.append(_quantize(info, mod_name, match.rule, opts))
+            plans.append(_quantize(info, mod_name, match.rule, opts, stored.get(name), dense_dtype))
+            continue
+        if name in stored:  # kept dense: the source's quantization undone
+            rule = match.rule if match else f"not quantizable ({kind})"
+            slot = Slot(name, dense_dtype, info.shape)
+            note = f"dequantized to {dense_dtype} ({stored[name].family})"
+            plans.append(
+                TensorPlan(
+                    name, info, DEQUANTIZE, mod_name, kind, rule, [slot], None, note, stored[name]
+                )
+            )
             continue
         if kind == kinds.LINEAR and m is not None and name == m.weight:
             if info.dtype not in FLOAT_DTYPES:
@@ -376,16 +391,24 @@ def _tensor_plans(
         )
     if head.untie:
         assert head.name is not None and head.embedding is not None
-        tp = _quantize(ck.tensors[head.embedding], head.name, selected[head.name].rule, opts)
+        embedding = ck.tensors[head.embedding]
+        tp = _quantize(embedding, head.name, selected[head.name].rule, opts, None, dense_dtype)
         tp.note = f"untied: lm_head quantized from {head.embedding}; embedding kept dense"
         plans.append(tp)
         plans.sort(key=lambda p: natural_key(p.outputs[0].name))
     return plans
 
 
-def _quantize(info: TensorInfo, module: str, rule: str, opts: PlanOptions) -> TensorPlan:
+def _quantize(
+    info: TensorInfo,
+    module: str,
+    rule: str,
+    opts: PlanOptions,
+    stored: Stored | None,
+    dense_dtype: str,
+) -> TensorPlan:
     scheme = opts.scheme
-    if info.dtype not in FLOAT_DTYPES:
+    if info.dtype not in FLOAT_DTYPES and stored is None:
         raise InputError(
             f"tensor {info.name!r} is {info.dtype}; expected a float weight to quantize"
         )
@@ -400,11 +423,32 @@ def _quantize(info: TensorInfo, module: str, rule: str, opts: PlanOptions) -> Te
             f"{module}: {scheme.name} packs 4 int8 values per int32, but in_features={shape[1]}"
             " is not a multiple of 4"
         )
-    scale_dtype = layout.scale_dtype(info.dtype)
+    # in the model's dtype, as a dense source's: loaders build the scale parameter in the
+    # weight's dtype and cast what they read into it, so a float32 scale would be rounded
+    # after q was computed from it
+    scale_dtype = layout.scale_dtype(info.dtype if stored is None else dense_dtype)
     qmax = opts.int8_max if scheme.qtype == "int8" else None
-    quantizer = Quantizer(scheme.qtype, qmax, fmt, scale_dtype, shape)
+    quantizer = Quantizer(scheme.qtype, qmax, fmt, scale_dtype, shape, stored)
     outputs = fmt.slots(module, shape, scale_dtype)
-    return TensorPlan(info.name, info, QUANTIZE, module, kinds.LINEAR, rule, outputs, quantizer)
+    note = stored.describe() if stored else ""
+    return TensorPlan(
+        info.name, info, QUANTIZE, module, kinds.LINEAR, rule, outputs, quantizer, note, stored
+    )
+
+
+def _dense_dtype(ck: Checkpoint) -> str:
+    """The dtype a decoded weight kept dense is written in: the model's (config.json), else
+    the dtype of its other float tensors, else bfloat16."""
+    from qcli.tensors import DTYPES
+
+    names = {torch_name: st for st, (_, torch_name) in DTYPES.items()}
+    config = ck.config or {}
+    for key in ("torch_dtype", "dtype"):
+        value = config.get(key)
+        if isinstance(value, str) and names.get(value.removeprefix("torch.")) in FLOAT_DTYPES:
+            return names[value.removeprefix("torch.")]
+    floats = [t.dtype for t in ck.tensors.values() if t.dtype in ("BF16", "F16")]
+    return floats[0] if floats else "BF16"
 
 
 def _refuse_collisions(plans: Sequence[TensorPlan]) -> None:

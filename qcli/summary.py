@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcli import checks, heads, kinds, layout
+from qcli import checks, dequant, heads, kinds, layout
 from qcli.checks import Contract
 from qcli.errors import QcliError
 from qcli.rules import Matcher
@@ -80,6 +80,12 @@ class Quantization:
     dense_bytes: int  # estimated size of the same checkpoint unquantized
     contract: Contract | None  # verify's header checks (qcli.contract); None when not run
     contract_error: str | None = None  # why they could not run
+    stored_as: str | None = None  # a release qcli re-quantizes from: how its weights are stored
+
+    @property
+    def requantizable(self) -> bool:
+        """A quantized release (not compressed-tensors) that `quantize` decodes and quantizes."""
+        return self.stored_as is not None
 
     def ratio(self, stored: int) -> float:
         return self.dense_bytes / stored if stored else 0.0
@@ -114,6 +120,7 @@ class Quantization:
             "compression_ratio": round(q.ratio(stored), 3),
             "contract": q.contract.to_json() if q.contract else None,
             "contract_error": q.contract_error,
+            "stored_as": q.stored_as,
         }
 
 
@@ -144,7 +151,7 @@ class Summary:
         scales and shapes describe storage, not the model."""
         out: Counter[str] = Counter()
         for t in self.tensors:
-            if layout.is_aux(t.name):
+            if _is_scale(t.name):
                 continue
             n = layout.dense_numel(t.name, t.shape)
             packed = t.name.rpartition(".")[2] == layout.PACKED
@@ -269,6 +276,15 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
 
     scale = f".{layout.SCALE}"
     scaled = {n.removesuffix(scale) for n in ck.tensors if n.endswith(scale)}
+    stored_as = None
+    if dequant.is_release(ck):  # which quantize decodes
+        try:
+            stored = dequant.find(ck)
+        except QcliError:
+            stored = {}
+        scaled = {n.removesuffix(".weight") for n in stored}
+        blocks = sorted({"x".join(map(str, st.block)) for st in stored.values()})
+        stored_as = f"fp8 e4m3 with {', '.join(blocks)} block scales" if stored else None
     # A module with a weight_scale is stored quantized, whatever kind the names suggest.
     quantized = sorted(scaled, key=natural_key)
     linear = [m for m in s.modules.values() if m.kind in (kinds.LINEAR, kinds.CONV1D)]
@@ -276,7 +292,7 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
     by_name = {g.name: g for g in groups}
     matcher = Matcher({g.name: g.targets for g in groups}, ignore)
     unmatched = []
-    for name in quantized:
+    for name in quantized if stored_as is None else ():  # a release has no groups
         m = s.modules.get(name)
         hit = matcher.match(name, m.kind if m else kinds.LINEAR)
         if hit is None or hit.group is None:
@@ -296,6 +312,14 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
     dense_bytes = _dense_bytes(ck, scaled, dense_dtype)
 
     found, contract_error = _contract(ck) if contract else (None, None)
+    if stored_as is not None:
+        found, contract_error = (
+            None,
+            (
+                "not run: not a compressed-tensors checkpoint (quantize re-quantizes it from its"
+                " decoded weights; verify checks the output)"
+            ),
+        )
     return Quantization(
         qc.get("quant_method"),
         qc.get("format"),
@@ -310,6 +334,7 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
         dense_bytes,
         found,
         contract_error,
+        stored_as,
     )
 
 
@@ -337,13 +362,18 @@ def _dense_bytes(ck: Checkpoint, scaled: set[str], dense_dtype: str | None) -> i
     total = 0
     for name, t in ck.tensors.items():
         module, _, leaf = name.rpartition(".")
-        if layout.is_aux(name):
+        if _is_scale(name):
             continue
         if module in scaled and leaf in (layout.WEIGHT, layout.PACKED) and dense_dtype:
             total += layout.dense_numel(name, t.shape) * DTYPES[dense_dtype][0]
         else:
             total += t.nbytes
     return total
+
+
+def _is_scale(name: str) -> bool:
+    """A tensor that describes storage (scales, shapes), not the model: no parameter."""
+    return layout.is_aux(name) or name.rpartition(".")[2] in dequant.SCALE_NAMES
 
 
 def _contract(ck: Checkpoint) -> tuple[Contract | None, str | None]:

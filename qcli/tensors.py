@@ -32,6 +32,7 @@ DTYPES: dict[str, tuple[int, str]] = {
     "BF16": (2, "bfloat16"),
     "F8_E4M3": (1, "float8_e4m3fn"),
     "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),  # power-of-two scales (DeepSeek-V3.1 on: ue8m0)
     "I64": (8, "int64"),
     "I32": (4, "int32"),
     "I16": (2, "int16"),

@@ -170,3 +170,70 @@ def add_tokenizer(folder: Path, vocab: int = 512, bos: bool = True) -> Path:
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
+
+
+# Qwen3 whose every Linear is a partial number of 128 x 128 blocks (192 = 1.5 blocks, ...),
+# as real releases have (DeepSeek-R1's kv_a_proj_with_mqa is [576, 7168]).
+QWEN3_ODD = dict(
+    hidden_size=192,
+    intermediate_size=320,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    head_dim=64,
+    vocab_size=512,
+    max_position_embeddings=256,
+)
+
+
+def qwen3_odd(dest: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen3 saved by transformers, its layers not multiples of 128."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(**QWEN3_ODD, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(dest)
+    return dest
+
+
+def block_fp8_release(
+    dense: Path, dest: Path, block: tuple[int, int] = (128, 128), scale_dtype=torch.float32
+) -> dict[str, torch.Tensor]:
+    """Write `dense` as DeepSeek and Qwen publish their FP8 releases: every `*_proj.weight`
+    fp8 e4m3 with float32 `weight_scale_inv` over `block` (edge blocks partial, zero-padded
+    for their scale, README_WEIGHTS.md of DeepSeek-V3); embeddings, norms, routers and lm_head
+    stay bf16. Returns the dense float32 weights the release stands for, by DeepSeek's
+    formula ``w = q * scale_inv`` per block (computed here on padded blocks, apart from
+    qcli.dequant)."""
+    from safetensors.torch import load_file
+
+    b0, b1 = block
+    src = load_file(dense / "model.safetensors")
+    out, decoded = {}, {}
+    for name, w in src.items():
+        if not (name.endswith("_proj.weight") and w.dim() == 2):
+            out[name] = w
+            continue
+        rows, cols = w.shape
+        pr, pc = -rows % b0, -cols % b1
+        blocks = torch.nn.functional.pad(w.float(), (0, pc, 0, pr)).view(
+            (rows + pr) // b0, b0, (cols + pc) // b1, b1
+        )
+        amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+        scale = (amax / 448.0).to(scale_dtype)
+        q = (blocks / scale.float()[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+        dq = q.float() * scale.float()[:, None, :, None]
+        out[name] = q.reshape(rows + pr, cols + pc)[:rows, :cols].contiguous()
+        out[name.removesuffix("weight") + "weight_scale_inv"] = scale
+        decoded[name] = dq.reshape(rows + pr, cols + pc)[:rows, :cols].contiguous()
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(out, dest / "model.safetensors", metadata={"format": "pt"})
+    config = load_config(dense)
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [b0, b1],
+    }
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return decoded

@@ -18,7 +18,8 @@ def test_card_says_what_was_done(tmp_path: Path) -> None:
     for tag in ("compressed-tensors", "int8", "w8a8", "vllm"):
         assert f"- {tag}" in front
     assert "library_name: transformers" in front
-    assert "qcli quantize tiny-llama tiny-W8A8 --scheme W8A8 --lm-head" in card
+    assert "qcli quantize tiny-llama OUT --scheme W8A8 --lm-head" in card
+    assert "# tiny-llama: W8A8" in card
     assert "int-quantized" in card and "15 Linear modules" in card
 
 
@@ -40,7 +41,7 @@ def test_the_source_card_is_kept_below(tmp_path: Path) -> None:
 
 
 def test_the_card_is_deterministic(tmp_path: Path) -> None:
-    a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    a, b = tmp_path / "a", tmp_path / "b" / "elsewhere"  # OUT's name is not in the card
     for out in (a, b):
         assert main(["quantize", str(EXAMPLE), str(out), "-q"]) == 0
     assert (a / "README.md").read_bytes() == (b / "README.md").read_bytes()

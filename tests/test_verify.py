@@ -25,8 +25,9 @@ from qcli.cli.app import main
 from qcli.numerics import activations as acts
 from qcli.numerics import layers, thresholds
 from qcli.numerics.metrics import compare
+from qcli.numerics.reference import DenseWeight
 from qcli.schemes import SCHEMES
-from qcli.tensors import TensorInfo, open_checkpoint
+from qcli.tensors import open_checkpoint
 from tests.builders import EXAMPLE
 from tests.zoo import Case, Zoo
 
@@ -541,7 +542,7 @@ def test_table_output(outputs, capsys) -> None:
 # --- the numbers themselves --------------------------------------------------------------------
 
 
-def _module(tmp_path: Path, w: torch.Tensor, scheme: str) -> tuple[QuantModule, TensorInfo]:
+def _module(tmp_path: Path, w: torch.Tensor, scheme: str) -> tuple[QuantModule, DenseWeight]:
     """Quantize `w` into a one-layer file; returns the module and its dense reference."""
     s = SCHEMES[scheme]
     q, scale = quant.quantize_weight(w, s.qtype, torch.float32)
@@ -552,7 +553,7 @@ def _module(tmp_path: Path, w: torch.Tensor, scheme: str) -> tuple[QuantModule, 
     ck = open_checkpoint(tmp_path, require_config=False)
     weight = ck.tensors["m.weight_packed" if s.layout.packed else "m.weight"]
     qm = QuantModule("m", None, "group_0", s, weight, ck.tensors["m.weight_scale"], tuple(w.shape))
-    return qm, ck.tensors["ref.weight"]
+    return qm, DenseWeight(ck.tensors["ref.weight"])
 
 
 def _float32_gemm_error(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

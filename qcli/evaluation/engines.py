@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from qcli import gemm
-from qcli.errors import InputError
+from qcli.errors import InputError, QcliError
 
 
 def compute_dtype() -> torch.dtype:
@@ -58,10 +59,17 @@ class TransformersModel:
         transformers.logging.disable_progress_bar()
         steady_malloc()
         self.path, self.dtype = path, dtype
+        self.decoded = _block_fp8(path)
         try:
             # compressed-tensors draws tqdm bars while it (de)compresses: keep them off
             with contextlib.redirect_stderr(io.StringIO()):
-                self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                auto = transformers.AutoModelForCausalLM
+                if self.decoded:
+                    self.model = _load_decoded(transformers, path, dtype)
+                else:
+                    self.model = auto.from_pretrained(path, dtype=dtype)
+        except QcliError:
+            raise
         except Exception as e:  # transformers raises many types; the message is what matters
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"transformers cannot load {path}: {first}") from None
@@ -76,6 +84,8 @@ class TransformersModel:
         dynamic = any(m.quantization_scheme.input_activations is not None for m in quantized)
         dtype = str(self.dtype).removeprefix("torch.")
         kernel = f"{dtype} matmul"
+        if self.decoded:
+            kernel = f"block-fp8 weights decoded by qcli (as it re-quantizes them); {kernel}"
         if quantized:
             acts = "activations fake-quantized per token" if dynamic else "dense activations"
             kernel = (
@@ -85,7 +95,8 @@ class TransformersModel:
         return {
             "engine": self.engine,
             "loader": f"transformers {version('transformers')}"
-            + (f", compressed-tensors {version('compressed-tensors')}" if quantized else ""),
+            + (f", compressed-tensors {version('compressed-tensors')}" if quantized else "")
+            + (", weights decoded by qcli" if self.decoded else ""),
             "dtype": str(self.dtype).removeprefix("torch."),
             "kernels": kernel,
             "quantized_modules": len(quantized),
@@ -109,6 +120,61 @@ class TransformersModel:
     def close(self) -> None:
         del self.model
         release_memory()
+
+
+def _block_fp8(path: Path) -> bool:
+    from qcli import dequant
+    from qcli.tensors import open_checkpoint
+
+    stored = dequant.find(open_checkpoint(path))
+    return any(s.family == dequant.BLOCK_FP8 for s in stored.values())
+
+
+def _load_decoded(transformers: Any, path: Path, dtype: torch.dtype) -> Any:
+    """A block-fp8 release as the dense model it stands for: weights decoded by qcli.dequant
+    (the values qcli re-quantizes), loaded through transformers as a dense state dict.
+
+    Not transformers' own fp8 path: on CPU it infers the block size from the scale grid and
+    so decodes releases whose layers are not multiples of 128 wrongly or leaves them random
+    (transformers 5.24, finegrained_fp8.py). The state dict is the one model in memory:
+    transformers takes its tensors as the parameters.
+    """
+    from qcli import dequant
+    from qcli.tensors import FLOAT_DTYPES, open_checkpoint, read_rows, read_tensor
+
+    ck = open_checkpoint(path)
+    stored = dequant.find(ck)
+    skip = dequant.consumed(stored)
+    fds: dict[Path, int] = {}
+
+    def fd(t: Any) -> int:
+        if t.file not in fds:
+            fds[t.file] = os.open(t.file, os.O_RDONLY)
+        return fds[t.file]
+
+    def read(t: Any, r0: int, r1: int) -> torch.Tensor:
+        return read_rows(t, fd(t), r0, r1)
+
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for name, info in ck.tensors.items():
+            if name in skip or name.endswith(".input_scale"):
+                continue
+            if name in stored:
+                state[name] = dequant.dense(stored[name], read).to(dtype)
+            else:
+                t = read_tensor(info, fd(info))
+                state[name] = t.to(dtype) if info.dtype in FLOAT_DTYPES else t
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    config = transformers.AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # the model class itself: the Auto class wants a folder to read, and this one's
+    # weights are the ones decoded here
+    cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
 
 
 def steady_malloc() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from qcli import checks, gemm, provenance
+from qcli import checks, dequant, gemm, provenance
 from qcli.errors import InputError
 from qcli.numerics import reference as references
 from qcli.numerics.layers import LayerResult, VerifyOptions, run_layers, select
@@ -41,6 +41,11 @@ def verify_checkpoint(
     ck, found = checks.check_folder(out)
     if ck is not None and not checks.is_quantized(ck):
         raise InputError(f"{out} is not quantized (no quantization_config, no quantized tensors)")
+    if ck is not None and dequant.is_release(ck):
+        raise InputError(
+            f"{out} is a block-fp8 release (quant_method 'fp8'), not a compressed-tensors"
+            " checkpoint: verify checks what qcli writes; `qcli quantize` re-quantizes it"
+        )
     ref, note = references.resolve(out, reference, use_provenance, token)
     report = Report(out, found, ref, note, opts, layers)
     report.cpu = {**gemm.cpu_features(), "int8_may_saturate": gemm.int8_gemm_may_saturate()}

@@ -30,7 +30,7 @@ from qcli.errors import InputError
 from qcli.jsondata import number
 from qcli.numerics.activations import FAST_TOKENS, TOKENS, activations
 from qcli.numerics.metrics import Stats
-from qcli.numerics.reference import Reference
+from qcli.numerics.reference import DenseWeight, Reference
 from qcli.numerics.thresholds import (
     DEQUANTIZED,
     KERNEL_TOLERANCE,
@@ -133,13 +133,17 @@ class Files:
         return read_rows(info, self.fd(info), r0, r1)
 
     def pick(self, info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
+        return self.pick_with(lambda a, b: self.rows(info, a, b), rows)
+
+    @staticmethod
+    def pick_with(read: Callable[[int, int], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         """The given rows, one read per contiguous run."""
         parts, i, idx = [], 0, rows.tolist()
         while i < len(idx):
             j = i
             while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
                 j += 1
-            parts.append(self.rows(info, idx[i], idx[j] + 1))
+            parts.append(read(idx[i], idx[j] + 1))
             i = j + 1
         return torch.cat(parts)
 
@@ -194,7 +198,7 @@ class _KernelLog:
 
 
 def verify_layer(
-    qm: QuantModule, ref_weight: TensorInfo | None, opts: VerifyOptions, files: Files
+    qm: QuantModule, ref_weight: DenseWeight | None, opts: VerifyOptions, files: Files
 ) -> LayerResult:
     """Run one quantized layer on the seeded batches and compare it with the dense layer."""
     out_f, in_f = qm.shape
@@ -209,9 +213,9 @@ def verify_layer(
         if ref_weight is None:
             w_ref = quant.dequantize(q, s)
         elif sample is None:
-            w_ref = files.rows(ref_weight, r0, r1)
+            w_ref = ref_weight.rows(files.rows, r0, r1)
         else:
-            w_ref = files.pick(ref_weight, sample)
+            w_ref = files.pick_with(lambda a, b: ref_weight.rows(files.rows, a, b), sample)
         for x in xs:
             stats.add(log.judged(run_kernel(qm.scheme, x, q, s)), gemm.dense(x, w_ref), r0)
     notes = list(log.notes)
@@ -252,7 +256,7 @@ def verify_layer(
 
 
 def _notes(
-    qm: QuantModule, ref_weight: TensorInfo | None, log: _KernelLog, sat: float | None
+    qm: QuantModule, ref_weight: DenseWeight | None, log: _KernelLog, sat: float | None
 ) -> list[str]:
     notes = []
     if sat is not None:
@@ -269,6 +273,8 @@ def _notes(
         )
     if ref_weight is not None and ref_weight.name != f"{qm.name}.weight":
         notes.append(f"compared with the reference's {ref_weight.name} (tied source)")
+    if ref_weight is not None and ref_weight.stored is not None:
+        notes.append(f"compared with the reference's {ref_weight.stored.family} weight, decoded")
     return notes
 
 

@@ -11,13 +11,37 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from qcli import heads, kinds, provenance
+from qcli import dequant, heads, kinds, provenance
 from qcli.checks import Contract, Finding, QuantModule
+from qcli.dequant import Stored
 from qcli.errors import InputError, QcliError
-from qcli.tensors import FLOAT_DTYPES, Checkpoint, TensorInfo, open_checkpoint
+from qcli.tensors import DTYPES, FLOAT_DTYPES, Checkpoint, TensorInfo, open_checkpoint, read_rows
+
+if TYPE_CHECKING:
+    import torch
+
+# Reads rows [r0, r1) of a tensor.
+Read = Callable[[TensorInfo, int, int], "torch.Tensor"]
 
 NO_REFERENCE = "compared with the dequantized weights (kernel and scales only)"
+
+
+@dataclass(frozen=True)
+class DenseWeight:
+    """A reference layer's dense weight: a float tensor, or one the reference stores
+    quantized (a block-fp8 release qcli re-quantized from), decoded as the quantizer did."""
+
+    info: TensorInfo
+    stored: Stored | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def rows(self, read: Read, r0: int, r1: int) -> torch.Tensor:
+        return read(self.info, r0, r1) if self.stored is None else self.stored.rows(read, r0, r1)
 
 
 @dataclass
@@ -26,7 +50,8 @@ class Reference:
 
     checkpoint: Checkpoint
     origin: str  # "--reference" or "qcli_provenance.json"
-    weights: dict[str, TensorInfo] = field(default_factory=dict)
+    stored: dict[str, Stored] = field(default_factory=dict)  # weights it stores quantized
+    weights: dict[str, DenseWeight] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -54,14 +79,14 @@ def resolve(
         if folder.resolve() == out.resolve():
             raise InputError("the reference is the checkpoint itself")
         ck = open_checkpoint(folder)
-        if (ck.config or {}).get("quantization_config"):
-            raise InputError(f"the reference {folder} is quantized; give the dense source")
+        # a quantized source qcli reads (a block-fp8 release) is compared as decoded
+        stored = dequant.find(ck)
     except QcliError as e:
         if origin != provenance.NAME:
             raise
         # a recorded source that moved on is no reason to fail: say so, compare without it
         return None, f"the source in {provenance.NAME} is unusable ({e}): {NO_REFERENCE}"
-    return Reference(ck, origin), None
+    return Reference(ck, origin, stored), None
 
 
 def recorded_source(out: Path) -> tuple[Path | None, str]:
@@ -119,7 +144,9 @@ def match(ref: Reference, modules: Sequence[QuantModule], contract: Contract | N
                 )
             )
             continue
-        if info.dtype not in FLOAT_DTYPES or tuple(info.shape) != qm.shape:
+        stored = ref.stored.get(info.name)
+        shape = stored.shape if stored else tuple(info.shape)
+        if (info.dtype not in FLOAT_DTYPES and stored is None) or shape != qm.shape:
             problems.append(
                 Finding(
                     "reference.shape",
@@ -130,7 +157,7 @@ def match(ref: Reference, modules: Sequence[QuantModule], contract: Contract | N
                 )
             )
             continue
-        ref.weights[qm.name] = info
+        ref.weights[qm.name] = DenseWeight(info, stored)
     if modules and not ref.weights:
         raise InputError(
             f"the reference {ref.folder} matches none of the quantized layers"
@@ -154,13 +181,23 @@ def _embedding_table(ck: Checkpoint) -> TensorInfo | None:
 def compare_dense_tensors(
     ck: Checkpoint, ref: Reference, skip: Callable[[str], bool] | None = None
 ) -> list[Finding]:
-    """Tensors the quantizer copies must equal the reference's byte for byte."""
+    """Tensors the quantizer copies must equal the reference's byte for byte (a weight the
+    reference stores quantized and the output keeps dense: its decoded values, rounded to the
+    output's dtype)."""
     found = []
     for name, info in ck.tensors.items():
         r = ref.checkpoint.tensors.get(name)
         if r is None or info.dtype not in FLOAT_DTYPES or (skip and skip(name)):
             continue
-        if r.dtype != info.dtype or r.shape != info.shape:
+        stored = ref.stored.get(name)
+        if stored is not None:
+            if tuple(info.shape) != stored.shape:
+                problem = f"is {list(info.shape)}, the reference's {list(stored.shape)}"
+            elif not _same_decoded(info, stored):
+                problem = "differs from the reference's decoded weight (it must be its rounding)"
+            else:
+                continue
+        elif r.dtype != info.dtype or r.shape != info.shape:
             problem = f"is {info.dtype}{list(info.shape)}, the reference's {r.dtype}{list(r.shape)}"
         elif not _same_bytes(info, r):
             problem = "differs from the reference's (copied tensors must be identical)"
@@ -170,6 +207,30 @@ def compare_dense_tensors(
             Finding("reference.dense", name, problem, "the model computes with a wrong tensor")
         )
     return found
+
+
+def _same_decoded(info: TensorInfo, stored: Stored, chunk: int = 1 << 22) -> bool:
+    import torch
+
+    fds: dict[Path, int] = {}
+
+    def read(t: TensorInfo, r0: int, r1: int) -> torch.Tensor:
+        if t.file not in fds:
+            fds[t.file] = os.open(t.file, os.O_RDONLY)
+        return read_rows(t, fds[t.file], r0, r1)
+
+    dtype = getattr(torch, DTYPES[info.dtype][1])
+    rows, cols = stored.shape
+    step = max(1, chunk // cols)
+    try:
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            if not torch.equal(read(info, r0, r1), stored.rows(read, r0, r1).to(dtype)):
+                return False
+        return True
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 16 << 20) -> bool:

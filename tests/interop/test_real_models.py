@@ -28,7 +28,8 @@ def test_smollm2_matches_transformers_own_gguf_loader() -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     ref = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     text = "Alice was beginning to get very tired; in 1865, 2,024.50 naïve café 東京."
-    assert tok(text, add_special_tokens=False)["input_ids"] == ref(
-        text, add_special_tokens=False
-    )["input_ids"]
+    assert (
+        tok(text, add_special_tokens=False)["input_ids"]
+        == ref(text, add_special_tokens=False)["input_ids"]
+    )
     assert tok.bos_token_id == 1 and ours.config.tie_word_embeddings

@@ -444,6 +444,41 @@ def already_quantized_fp8_weight(tmp: Path):
     return _src(tmp, extra={UP: torch.zeros(I, H, dtype=torch.float8_e4m3fn)}), _out(tmp), []
 
 
+FP8_BLOCK = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+
+
+def _fp8_up(scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    extra = {UP: torch.zeros(I, H, dtype=torch.float8_e4m3fn)}
+    if scale is not None:
+        extra[UP.removesuffix("weight") + "weight_scale_inv"] = scale
+    return extra
+
+
+@case(EXIT_BAD_INPUT, UP, "no weight_scale_inv")
+def block_fp8_weight_without_its_scale(tmp: Path):
+    cfg = {"quantization_config": FP8_BLOCK}
+    return _src(tmp, cfg=cfg, extra=_fp8_up(None)), _out(tmp), []
+
+
+@case(EXIT_BAD_INPUT, "up_proj.weight_scale_inv", "F32[2, 2]", "need float [1, 1]")
+def block_fp8_scale_of_another_shape(tmp: Path):
+    cfg = {"quantization_config": FP8_BLOCK}
+    return _src(tmp, cfg=cfg, extra=_fp8_up(torch.ones(2, 2))), _out(tmp), []
+
+
+@case(EXIT_BAD_INPUT, "already quantized with fp8", "weight_block_size None")
+def per_tensor_fp8_release(tmp: Path):
+    # the older per-tensor `quant_method: fp8` layout: not a block release qcli decodes
+    cfg = {"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}
+    return _src(tmp, cfg=cfg, extra=_fp8_up(torch.ones(1, 1))), _out(tmp), []
+
+
+@case(EXIT_BAD_INPUT, "already quantized with 'gptq'", "re-quantizes block-fp8")
+def another_tools_quantization(tmp: Path):
+    cfg = {"quantization_config": {"quant_method": "gptq", "bits": 4}}
+    return _src(tmp, cfg=cfg), _out(tmp), []
+
+
 @case(EXIT_BAD_INPUT, "up_proj.weight_shape", "twice")
 def output_name_collides_with_a_source_tensor(tmp: Path):
     # W8A16 writes `M.weight_shape`; a source tensor of that name must not be overwritten

@@ -80,10 +80,11 @@ def plan_lines(plan: Plan) -> list[str]:
     lines = [
         f"[bold]{plan.scheme.name}[/] ({plan.scheme.format}): {len(plan.quantized)} Linear"
         f" modules quantized, {len(plan.dense_linear)} kept dense;"
-        f" {counts.get('quantize', 0)} tensors quantized, {counts.get('copy', 0)} copied",
-        f"lm_head: [bold]{plan.lm_head}[/] — {escape(plan.head.summary())}",
+        f" {counts.get('quantize', 0)} tensors quantized, {counts.get('copy', 0)} copied"
+        + (f", {counts['dequantize']} decoded to dense" if counts.get("dequantize") else ""),
+        f"lm_head: {escape(plan.head.summary())}",
         f"tensor data: {fmt.size(plan.bytes_in)} → {fmt.size(plan.bytes_out)}"
-        f" ({ratio:.2f}× smaller)",
+        + (f" ({ratio:.2f}× smaller)" if ratio >= 1 else f" ({1 / ratio:.2f}× larger)"),
     ]
     if plan.fused:
         shapes = Counter(

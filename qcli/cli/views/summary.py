@@ -108,13 +108,21 @@ def _quantization(out: Output, s: Summary) -> None:
         table.add_row(
             escape(g.name), g.scheme, escape(g.format or "?"), targets, str(len(g.modules))
         )
-    out.result(table)
+    if q.groups:
+        out.result(table)
     ignored = ", ".join(q.ignore[:4]) + (" …" if len(q.ignore) > 4 else "")
-    lines = [
-        f"{escape(q.method or 'no quant_method')}, status {escape(q.status or '?')}:"
-        f" {len(q.quantized)} modules quantized, {len(q.dense_linear)} Linear kept dense"
-        + (f" (ignore: {escape(ignored)})" if q.ignore else "")
-    ]
+    if q.stored_as is not None:
+        lines = [
+            f"{escape(q.method or '?')} release, {escape(q.stored_as)}: {len(q.quantized)}"
+            f" modules stored quantized, {len(q.dense_linear)} Linear dense; quantize decodes"
+            " and re-quantizes them"
+        ]
+    else:
+        lines = [
+            f"{escape(q.method or 'no quant_method')}, status {escape(q.status or '?')}:"
+            f" {len(q.quantized)} modules quantized, {len(q.dense_linear)} Linear kept dense"
+            + (f" (ignore: {escape(ignored)})" if q.ignore else "")
+        ]
     lm = f"lm_head: [bold]{q.lm_head}[/]"
     if q.contract is not None and q.contract.lm_head is not None:
         h = q.contract.lm_head
