@@ -297,6 +297,8 @@ class _TensorTasks:
             row_bytes = cols * DTYPES[info.dtype][0]
             # a decoded source block is float32 in memory: size the block by that
             step = max(1, BLOCK_BYTES // (cols * 4 if tp.stored else row_bytes))
+            if tp.stored is not None and tp.stored.whole:
+                step = rows
             work = self.quantize if tp.action == QUANTIZE else self.dequantize
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)

@@ -46,6 +46,8 @@ class Stored:
     block: tuple[int, int]  # rows, columns one scale covers (per channel: (1, in))
     family: str
 
+    whole = False  # read in row blocks, as a dense weight
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.weight.shape[0], self.weight.shape[1])
@@ -105,9 +107,7 @@ def is_release(ck: Checkpoint) -> bool:
     compressed-tensors format that qcli writes and verify checks."""
     qc = (ck.config or {}).get("quantization_config")
     # config_groups: a compressed-tensors config whose quant_method was changed (broken)
-    return (
-        isinstance(qc, Mapping) and qc.get("quant_method") == "fp8" and "config_groups" not in qc
-    )
+    return isinstance(qc, Mapping) and qc.get("quant_method") == "fp8" and "config_groups" not in qc
 
 
 def _block_fp8(ck: Checkpoint, qc: Mapping[str, Any]) -> dict[str, Stored]:

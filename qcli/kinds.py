@@ -154,7 +154,7 @@ class _Context:
     """What deciding one module needs to know about the rest of the checkpoint."""
 
     def __init__(self, config: Mapping[str, Any], owned: Mapping[str, list[str]]):
-        self.model_types = _model_types(config)
+        self.model_types = model_types(config)
         self.sizes = _config_ints(config)
         # parents that hold an `experts` child: their `gate` / `router` is a router
         # modules with modules under them: a bias-only output head among them is a block
@@ -308,8 +308,9 @@ def _refuse_fused_experts(
         indexed = i + 1 < len(parts) and re.fullmatch(r"(expert_)?\d+", parts[i + 1])
         if part == "experts" and not indexed and matrices:
             raise UnsupportedArchitecture(
-                f"MoE experts stored fused under {name} ({', '.join(map(_leaf, matrices))}); "
-                "qcli handles experts stored per expert (experts.<i>.<proj>.weight) only"
+                f"MoE experts stored fused under {name} ({', '.join(map(_leaf, matrices))}) in a"
+                " layout qcli does not know; it reads experts stored per expert"
+                " (experts.<i>.<proj>.weight) and splits Llama 4's and GraniteMoE's fused ones"
             )
     moe_like = any("expert" in p or p in ("block_sparse_moe", "moe") for p in parts)
     for tensor in names:
@@ -320,8 +321,9 @@ def _refuse_fused_experts(
             and (moe_like or _leaf(name) in ("input_linear", "output_linear"))
         ):
             raise UnsupportedArchitecture(
-                f"{tensor} {list(shape)} holds every expert of an MoE layer in one 3-D tensor; "
-                "qcli handles experts stored per expert only"
+                f"{tensor} {list(shape)} holds every expert of an MoE layer in one 3-D tensor,"
+                " in a layout qcli does not know; it reads experts stored per expert and splits"
+                " Llama 4's and GraniteMoE's fused ones"
             )
 
 
@@ -394,14 +396,14 @@ def _leaf(name: str) -> str:
     return name.rpartition(".")[2]
 
 
-def _model_types(config: Mapping[str, Any]) -> set[str]:
+def model_types(config: Mapping[str, Any]) -> set[str]:
     """model_type of the config and of every nested sub-config."""
     found = set()
     if isinstance(config.get("model_type"), str):
         found.add(config["model_type"])
     for value in config.values():
         if isinstance(value, Mapping):
-            found |= _model_types(value)
+            found |= model_types(value)
     return found
 
 

@@ -14,19 +14,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcli import dequant, heads, kinds, layout, rules
+from qcli import dequant, experts, heads, kinds, layout, loaders, rules
 from qcli.dequant import Stored
 from qcli.errors import InputError, PlanError
+from qcli.experts import Piece
 from qcli.heads import Head
 from qcli.layout import Layout
-from qcli.loaders import FP8_WEIGHT_ONLY_HEAD, INT8_EXPERTS
+from qcli.loaders import FP8_WEIGHT_ONLY_HEAD
 from qcli.rules import Match, Matcher
 from qcli.schemes import Scheme, quantization_config
 from qcli.shards import Slot
 from qcli.tensors import FLOAT_DTYPES, Checkpoint, TensorInfo, natural_key
 
-QUANTIZE, COPY, DEQUANTIZE = "quantize", "copy", "dequantize"
+# DECODE: a weight the source stores in another form (quantized, or fused with other
+# experts) written dense: decoded, not copied
+QUANTIZE, COPY, DECODE = "quantize", "copy", "decode"
 QUANTIZED, DENSE, ABSENT = "quantized", "dense", "absent"
+# A source weight read through a decoder: a quantized release's, or a fused expert's piece.
+Decoded = Stored | Piece
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,6 @@ class Quantizer:
     layout: Layout
     scale_dtype: str  # safetensors dtype of the stored scale
     shape: tuple[int, int]  # the dense weight's [out, in]
-    stored: Stored | None = None  # the source's own quantization, decoded first
 
 
 @dataclass
@@ -72,7 +76,7 @@ class TensorPlan:
     outputs: list[Slot]
     quantizer: Quantizer | None = None  # set exactly when action is QUANTIZE
     note: str = ""  # e.g. "untied from model.embed_tokens.weight"
-    stored: Stored | None = None  # a quantized source weight: decoded (DEQUANTIZE: only that)
+    stored: Decoded | None = None  # a weight stored otherwise: decoded first (DECODE: only that)
 
     @property
     def bytes_in(self) -> int:
@@ -222,7 +226,10 @@ def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
     stored = dequant.find(ck)  # a quantized release is decoded and quantized again
     _refuse_unreadable(ck, stored)
     config = {k: v for k, v in (ck.config or {}).items() if k != "quantization_config"}
-    shapes = {n: (t.dtype, t.shape) for n, t in ck.tensors.items()}
+    tensors, pieces = experts.view(ck.tensors, config)  # fused experts: one weight each
+    if pieces and stored:
+        raise PlanError("a quantized release with fused experts: qcli reads one or the other")
+    shapes = {n: (t.dtype, t.shape) for n, t in tensors.items()}
     try:
         modules = kinds.classify(shapes, config)
     except kinds.UnsupportedArchitecture as e:
@@ -233,7 +240,8 @@ def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
     _refuse_non_linear_targets(modules, matcher)
     selected = _select(modules, head, opts, matcher)
     head_plan = _head_plan(head, selected, modules)
-    plans = _tensor_plans(ck, modules, selected, head_plan, opts, stored)
+    plans = _tensor_plans(ck, tensors, modules, selected, head_plan, opts, {**stored, **pieces})
+    plans = _keep_fused(ck, plans, pieces)
     _refuse_collisions(plans)
     warnings = list(ck.warnings) + _unmatched(modules, head, selected, matcher, opts)
     quantized = sorted((n for n, s in selected.items() if s.selected), key=natural_key)
@@ -254,9 +262,12 @@ def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
         )
     if head_plan.state == QUANTIZED and not opts.scheme.vllm_lm_head_ok:
         warnings.append(f"lm_head quantized with {opts.scheme.name}: {FP8_WEIGHT_ONLY_HEAD}")
-    experts = [n for n in quantized if n in modules and modules[n].role == "expert"]
-    if experts and opts.scheme.layout.format == "int-quantized":
-        warnings.append(f"{len(experts)} MoE expert projections quantized to int8: {INT8_EXPERTS}")
+    moe = [n for n in quantized if n in modules and modules[n].role == "expert"]
+    limit = loaders.transformers_experts(kinds.model_types(config), opts.scheme.layout.format)
+    if moe and limit:
+        warnings.append(
+            f"{len(moe)} MoE expert projections quantized ({opts.scheme.name}): {limit}"
+        )
     out_config = _output_config(config, opts.scheme, head_plan, dense_linear)
     return Plan(
         ck, opts, modules, plans, quantized, dense_linear, head_plan, out_config, fused, warnings
@@ -346,20 +357,54 @@ def _head_plan(
     return HeadPlan(head.name, state, head.tied, head.virtual, untie, match.rule, head.embedding)
 
 
+def _keep_fused(
+    ck: Checkpoint, plans: list[TensorPlan], pieces: Mapping[str, Piece]
+) -> list[TensorPlan]:
+    """A fused tensor none of whose experts is quantized is copied as it is, where the
+    loaders read it that way (qcli.experts: GraniteMoE in transformers)."""
+    if not pieces:
+        return plans
+    split = {
+        piece.source.name
+        for tp in plans
+        if (piece := pieces.get(tp.source)) is not None
+        and (tp.action == QUANTIZE or piece.always_split)
+    }
+    out: list[TensorPlan] = []
+    for tp in plans:
+        piece = pieces.get(tp.source)
+        if piece is None or piece.source.name in split:
+            out.append(tp)
+            continue
+        if any(o.source == piece.source.name for o in out):
+            continue
+        info = ck.tensors[piece.source.name]
+        slot = Slot(info.name, info.dtype, info.shape)
+        rule = f"{tp.rule}; no expert quantized: the fused tensor copied as it is"
+        out.append(TensorPlan(info.name, info, COPY, _parent(info.name), kinds.OTHER, rule, [slot]))
+    return out
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
 def _tensor_plans(
     ck: Checkpoint,
+    tensors: Mapping[str, TensorInfo],
     modules: Mapping[str, kinds.Module],
     selected: Mapping[str, Match],
     head: HeadPlan,
     opts: PlanOptions,
-    stored: Mapping[str, Stored],
+    stored: Mapping[str, Decoded],
 ) -> list[TensorPlan]:
     plans: list[TensorPlan] = []
     owner = {t: m for m in modules.values() for t in m.tensors}
-    consumed = dequant.consumed(stored)
+    release = {n: s for n, s in stored.items() if isinstance(s, Stored)}
+    consumed = dequant.consumed(release)
     dense_dtype = _dense_dtype(ck)
-    for name, info in ck.tensors.items():
-        if name in consumed or (stored and name.endswith(".input_scale")):
+    for name, info in tensors.items():
+        if name in consumed or (release and name.endswith(".input_scale")):
             continue  # a source scale: the weight it decodes is written anew
         m = owner.get(name)
         mod_name, kind = (m.name, m.kind) if m else (name.rsplit(".", 1)[0], kinds.OTHER)
@@ -367,14 +412,16 @@ def _tensor_plans(
         if m is not None and match is not None and match.selected and name == m.weight:
             plans.append(_quantize(info, mod_name, match.rule, opts, stored.get(name), dense_dtype))
             continue
-        if name in stored:  # kept dense: the source's quantization undone
+        if name in stored:  # kept dense: decoded from its stored form
+            src = stored[name]
             rule = match.rule if match else f"not quantizable ({kind})"
-            slot = Slot(name, dense_dtype, info.shape)
-            note = f"dequantized to {dense_dtype} ({stored[name].family})"
+            if isinstance(src, Piece):
+                slot, note = Slot(name, info.dtype, info.shape), src.describe()
+            else:
+                slot = Slot(name, dense_dtype, info.shape)
+                note = f"dequantized to {dense_dtype} ({src.family})"
             plans.append(
-                TensorPlan(
-                    name, info, DEQUANTIZE, mod_name, kind, rule, [slot], None, note, stored[name]
-                )
+                TensorPlan(name, info, DECODE, mod_name, kind, rule, [slot], None, note, src)
             )
             continue
         if kind == kinds.LINEAR and m is not None and name == m.weight:
@@ -404,11 +451,11 @@ def _quantize(
     module: str,
     rule: str,
     opts: PlanOptions,
-    stored: Stored | None,
+    stored: Decoded | None,
     dense_dtype: str,
 ) -> TensorPlan:
     scheme = opts.scheme
-    if info.dtype not in FLOAT_DTYPES and stored is None:
+    if info.dtype not in FLOAT_DTYPES and not isinstance(stored, Stored):
         raise InputError(
             f"tensor {info.name!r} is {info.dtype}; expected a float weight to quantize"
         )
@@ -426,9 +473,9 @@ def _quantize(
     # in the model's dtype, as a dense source's: loaders build the scale parameter in the
     # weight's dtype and cast what they read into it, so a float32 scale would be rounded
     # after q was computed from it
-    scale_dtype = layout.scale_dtype(info.dtype if stored is None else dense_dtype)
+    scale_dtype = layout.scale_dtype(dense_dtype if isinstance(stored, Stored) else info.dtype)
     qmax = opts.int8_max if scheme.qtype == "int8" else None
-    quantizer = Quantizer(scheme.qtype, qmax, fmt, scale_dtype, shape, stored)
+    quantizer = Quantizer(scheme.qtype, qmax, fmt, scale_dtype, shape)
     outputs = fmt.slots(module, shape, scale_dtype)
     note = stored.describe() if stored else ""
     return TensorPlan(

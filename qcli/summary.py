@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcli import checks, dequant, heads, kinds, layout
+from qcli import checks, dequant, experts, heads, kinds, layout
 from qcli.checks import Contract
 from qcli.errors import QcliError
 from qcli.rules import Matcher
@@ -61,6 +61,9 @@ class QuantGroup:
     weights: dict[str, Any] | None
     input_activations: dict[str, Any] | None
     modules: list[str] = field(default_factory=list)
+
+
+FUSED_EXPERTS = "experts (fused)"  # a tensor of every expert of a layer: split when written
 
 
 @dataclass
@@ -137,6 +140,8 @@ class Summary:
     kinds_error: str | None
     quantization: Quantization | None
     warnings: list[str]
+    # the tensors as modules see them (fused experts per expert: qcli.experts.view)
+    logical: dict[str, TensorInfo] = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
@@ -199,8 +204,8 @@ class Summary:
                     "kind": m.kind,
                     "role": m.role,
                     "weight": m.weight,
-                    "shape": list(ck.tensors[m.weight].shape) if m.weight else None,
-                    "dtype": ck.tensors[m.weight].dtype if m.weight else None,
+                    "shape": list(s.logical[m.weight].shape) if m.weight else None,
+                    "dtype": s.logical[m.weight].dtype if m.weight else None,
                     "tensors": list(m.tensors),
                 }
                 for m in sorted(s.modules.values(), key=lambda m: natural_key(m.name))
@@ -216,17 +221,19 @@ def summarize(opened: Opened, contract: bool = True) -> Summary:
     """Everything the headers and config.json say; never raises for a model it cannot plan."""
     ck = opened.checkpoint
     config = ck.config or {}
-    shapes = {n: (t.dtype, t.shape) for n, t in ck.tensors.items()}
+    # Kinds come from names and shapes; another tool's quantization_config (which classify
+    # refuses, as a quantize source) must not hide them from a summary.
+    dense_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    logical, pieces = experts.view(ck.tensors, dense_config)
+    shapes = {n: (t.dtype, t.shape) for n, t in logical.items()}
     modules: dict[str, kinds.Module] = {}
     kinds_error = None
     try:
-        # Kinds come from names and shapes; another tool's quantization_config (which
-        # classify refuses, as a quantize source) must not hide them from a summary.
-        dense_config = {k: v for k, v in config.items() if k != "quantization_config"}
         modules = kinds.classify(shapes, dense_config)
     except kinds.UnsupportedArchitecture as e:
         kinds_error = str(e)
     owner = {t: m for m in modules.values() for t in m.tensors}
+    fused = experts.sources(pieces)
     rows = []
     for name, t in ck.tensors.items():
         m = owner.get(name)
@@ -238,7 +245,7 @@ def summarize(opened: Opened, contract: bool = True) -> Summary:
                 t.nbytes,
                 t.file.name,
                 m.name if m else name.rpartition(".")[0],
-                m.kind if m else "?",
+                m.kind if m else (FUSED_EXPERTS if name in fused else "?"),
                 m.role if m else None,
             )
         )
@@ -255,6 +262,7 @@ def summarize(opened: Opened, contract: bool = True) -> Summary:
         kinds_error,
         None,
         list(ck.warnings),
+        logical,
     )
     if is_quantized(ck):
         summary.quantization = _quantization(summary, contract)
@@ -300,7 +308,7 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
         else:
             by_name[hit.group].modules.append(name)
 
-    head = heads.resolve(s.modules, config, {n: (t.dtype, t.shape) for n, t in ck.tensors.items()})
+    head = heads.resolve(s.modules, config, {n: (t.dtype, t.shape) for n, t in s.logical.items()})
     if head.on_disk:
         lm_head = "quantized" if head.name in scaled else "dense"
     elif head.virtual:

@@ -237,3 +237,79 @@ def block_fp8_release(
     }
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     return decoded
+
+
+def fused_moe(kind: str, dest: Path, seed: int = 0) -> Path:
+    """A tiny random MoE whose experts transformers saves fused (3-D): "llama4" (Llama 4
+    text, `experts.gate_up_proj` [E, H, 2I]) or "granitemoe" (`input_linear` [E, 2I, H])."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=256, hidden_size=128, intermediate_size=64, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, tie_word_embeddings=False,
+    )  # fmt: skip
+    if kind == "llama4":
+        cfg = T.Llama4TextConfig(
+            **common, intermediate_size_mlp=96, num_hidden_layers=2, head_dim=64,
+            num_experts_per_tok=1, interleave_moe_layer_step=1,
+        )  # fmt: skip
+        model = T.Llama4ForCausalLM(cfg)
+    elif kind == "granitemoe":
+        cfg = T.GraniteMoeConfig(**common, num_hidden_layers=2, num_experts_per_tok=2)
+        model = T.GraniteMoeForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    model.to(torch.bfloat16).save_pretrained(dest)
+    return dest
+
+
+def bin_model(kind: str, dest: Path, *, shards: int = 1, seed: int = 0) -> Path:
+    """:func:`make_model` re-saved as transformers 4's PyTorch format: torch.save of the
+    loaded model's state dict (a tied head shares its embedding's storage, as there) into
+    pytorch_model.bin, or `shards` files with pytorch_model.bin.index.json. No safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    make_model(kind, dest, seed=seed)
+    state = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.bfloat16).state_dict()
+    for f in [*dest.glob("*.safetensors"), dest / "model.safetensors.index.json"]:
+        f.unlink(missing_ok=True)
+    if shards == 1:
+        torch.save(state, dest / "pytorch_model.bin")
+        return dest
+    names = list(state)
+    wmap = {}
+    for i in range(shards):
+        shard = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = names[i * len(names) // shards : (i + 1) * len(names) // shards]
+        torch.save({n: state[n] for n in part}, dest / shard)
+        wmap.update(dict.fromkeys(part, shard))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": wmap}
+    (dest / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    return dest
+
+
+def to_bin(folder: Path) -> Path:
+    """`folder`'s model.safetensors re-saved in place as pytorch_model.bin (torch.save)."""
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def rewrite_bin(path: Path, *, pickle: bytes | None = None, compress: bool = False) -> Path:
+    """The torch zip `path` rewritten member by member: data.pkl replaced by `pickle`, or
+    every storage deflated (torch.save stores them uncompressed)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = [(m.filename, z.read(m)) for m in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members:
+            if pickle is not None and name.endswith("/data.pkl"):
+                data = pickle
+            deflate = compress and "/data/" in name
+            z.writestr(name, data, zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
+    return path

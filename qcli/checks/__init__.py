@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qcli import kinds, layout
+from qcli import experts, kinds, layout
 from qcli.checks.config import check_config, valid_entries
 from qcli.checks.files import check_files
 from qcli.checks.findings import (
@@ -105,12 +105,12 @@ def check(ck: Checkpoint) -> Contract:
         return result
     groups = check_config(qc, result)
     dense_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    # experts a source stored fused and qcli kept dense are still fused here
+    tensors, _ = experts.view(ck.tensors, dense_config)
     try:
-        modules = kinds.classify(
-            {n: (t.dtype, t.shape) for n, t in ck.tensors.items()}, dense_config
-        )
+        modules = kinds.classify({n: (t.dtype, t.shape) for n, t in tensors.items()}, dense_config)
     except kinds.UnsupportedArchitecture as e:
         raise InputError(f"cannot tell the checkpoint's module kinds: {e}") from None
     ignore = valid_entries(qc.get("ignore") or [])
-    check_modules(ck, config, modules, groups, ignore, result)
+    check_modules(tensors, config, modules, groups, ignore, result)
     return result

@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qcli import heads, kinds, layout
+from qcli import heads, kinds, layout, loaders
 from qcli.checks.config import Group
 from qcli.checks.findings import ERROR, NAN_LOGITS, READ_AS_FLOAT, WARNING, Contract, LmHead
 from qcli.checks.tensors import check_quantized_module
 from qcli.heads import Head
-from qcli.loaders import FP8_WEIGHT_ONLY_HEAD, INT8_EXPERTS
+from qcli.loaders import FP8_WEIGHT_ONLY_HEAD
 from qcli.rules import Matcher
-from qcli.tensors import Checkpoint, TensorInfo
+from qcli.tensors import TensorInfo
 
 # vLLM builds lm_head as ParallelLMHead: class `Linear` does not match it (format.md).
 VLLM_HEAD_CLASS = "ParallelLMHead"
@@ -44,20 +44,20 @@ class Reading:
 
 
 def check_modules(
-    ck: Checkpoint,
+    tensors: Mapping[str, TensorInfo],
     config: Mapping[str, Any],
     modules: Mapping[str, kinds.Module],
     groups: list[Group],
     ignore: list[str],
     result: Contract,
 ) -> None:
-    """Every module's stored state against the config's decision for it."""
-    tensors = ck.tensors
+    """Every module's stored state against the config's decision for it (`tensors`: the
+    checkpoint's, fused experts seen per expert: qcli.experts.view)."""
     reading = Reading(groups, ignore)
     head = heads.resolve(modules, config, {n: (t.dtype, t.shape) for n, t in tensors.items()})
     linear = [m for m in modules.values() if m.kind == kinds.LINEAR and m.weight]
     selected = {m.name: reading.group(m.name) for m in linear}
-    _check_linear(linear, selected, reading, tensors, result)
+    _check_linear(linear, selected, reading, tensors, result, kinds.model_types(config))
     _check_non_linear(modules, tensors, result)
     _check_targets(groups, linear, head, result)
     result.lm_head = _check_lm_head(head, tensors, groups, reading, selected, result)
@@ -80,9 +80,10 @@ def _check_linear(
     reading: Reading,
     tensors: Mapping[str, TensorInfo],
     result: Contract,
+    model_types: set[str],
 ) -> None:
     """Each Linear module: quantized exactly when its group says so, then its tensors."""
-    int8_experts = []
+    experts: list[tuple[str, str | None]] = []  # quantized experts, and their format
     for m in linear:
         g = selected[m.name]
         on_disk = layout.state(m.name, tensors)
@@ -106,18 +107,19 @@ def _check_linear(
                 NAN_LOGITS,
             )
             continue
-        if m.role == "expert" and g.format == "int-quantized" and g.layout is not None:
-            int8_experts.append(m.name)
+        if m.role == "expert" and g.layout is not None:
+            experts.append((m.name, g.format))
         qm = check_quantized_module(m, g, tensors, result)
         if qm is not None:
             result.modules.append(qm)
-    if int8_experts:  # one finding for all of them: a real MoE has thousands
+    limited = [(n, f) for n, f in experts if loaders.transformers_experts(model_types, f)]
+    if limited:  # one finding for all of them: a real MoE has thousands
+        first, fmt = limited[0]
         result.add(
             "tensors.expert",
-            int8_experts[0].rpartition(".experts.")[0] or int8_experts[0],
-            f"{len(int8_experts)} MoE expert projection(s) stored int8 (W8A8), e.g."
-            f" {int8_experts[0]}",
-            INT8_EXPERTS,
+            first.rpartition(".experts.")[0] or first,
+            f"{len(limited)} MoE expert projection(s) stored {fmt}, e.g. {first}",
+            loaders.transformers_experts(model_types, fmt) or "",
             WARNING,
         )
 

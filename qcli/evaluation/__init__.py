@@ -20,7 +20,6 @@ from qcli.evaluation.engines import TransformersModel, compute_dtype, cpu
 from qcli.evaluation.report import EvalReport
 from qcli.evaluation.scoring import reference_pass, reference_pass_apart, score
 from qcli.evaluation.thresholds import thresholds_for
-from qcli.loaders import INT8_EXPERTS
 from qcli.numerics import reference as references
 
 DEFAULT_CTX = 512
@@ -117,8 +116,9 @@ def _scheme_of(out: Path, engine: str) -> str:
             f"{out} is not a quantized checkpoint (to see what quantizing one would cost, run"
             " `qcli eval SRC --sensitivity --scheme S`)"
         )
-    if engine == "transformers" and any(f.check == "tensors.expert" for f in found.findings):
-        raise InputError(INT8_EXPERTS)
+    limit = next((f for f in found.findings if f.check == "tensors.expert"), None)
+    if engine == "transformers" and limit is not None:
+        raise InputError(limit.consequence)
     schemes = sorted({m.scheme.name for m in found.modules})
     if not schemes:
         raise InputError(f"{out}: no quantized layer qcli can read ({found.findings[:1]})")

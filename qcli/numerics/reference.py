@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qcli import dequant, heads, kinds, provenance
+from qcli import dequant, experts, heads, kinds, provenance
 from qcli.checks import Contract, Finding, QuantModule
 from qcli.dequant import Stored
 from qcli.errors import InputError, QcliError
+from qcli.experts import Piece
 from qcli.tensors import DTYPES, FLOAT_DTYPES, Checkpoint, TensorInfo, open_checkpoint, read_rows
 
 if TYPE_CHECKING:
@@ -30,18 +31,27 @@ NO_REFERENCE = "compared with the dequantized weights (kernel and scales only)"
 
 @dataclass(frozen=True)
 class DenseWeight:
-    """A reference layer's dense weight: a float tensor, or one the reference stores
-    quantized (a block-fp8 release qcli re-quantized from), decoded as the quantizer did."""
+    """A reference layer's dense weight: a float tensor, or one the reference stores in
+    another form (a block-fp8 release's, a fused expert's piece), decoded as the quantizer
+    did."""
 
     info: TensorInfo
-    stored: Stored | None = None
+    stored: Stored | Piece | None = None
+    # a piece read whole (transposed) is decoded once, not once per block of rows
+    _whole: list[torch.Tensor] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def name(self) -> str:
         return self.info.name
 
     def rows(self, read: Read, r0: int, r1: int) -> torch.Tensor:
-        return read(self.info, r0, r1) if self.stored is None else self.stored.rows(read, r0, r1)
+        if self.stored is None:
+            return read(self.info, r0, r1)
+        if not self.stored.whole:
+            return self.stored.rows(read, r0, r1)
+        if not self._whole:
+            self._whole.append(self.stored.rows(read, 0, self.stored.shape[0]))
+        return self._whole[0][r0:r1]
 
 
 @dataclass
@@ -50,7 +60,9 @@ class Reference:
 
     checkpoint: Checkpoint
     origin: str  # "--reference" or "qcli_provenance.json"
-    stored: dict[str, Stored] = field(default_factory=dict)  # weights it stores quantized
+    # weights it stores in another form (quantized, fused experts), by the name qcli writes
+    stored: dict[str, Stored | Piece] = field(default_factory=dict)
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # as modules see them
     weights: dict[str, DenseWeight] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -79,14 +91,18 @@ def resolve(
         if folder.resolve() == out.resolve():
             raise InputError("the reference is the checkpoint itself")
         ck = open_checkpoint(folder)
-        # a quantized source qcli reads (a block-fp8 release) is compared as decoded
-        stored = dequant.find(ck)
+        # a quantized source qcli reads (a block-fp8 release) is compared as decoded, fused
+        # experts one expert at a time
+        stored: dict[str, Stored | Piece] = dict(dequant.find(ck))
+        config = {k: v for k, v in (ck.config or {}).items() if k != "quantization_config"}
+        tensors, pieces = experts.view(ck.tensors, config)
+        stored.update(pieces)
     except QcliError as e:
         if origin != provenance.NAME:
             raise
         # a recorded source that moved on is no reason to fail: say so, compare without it
         return None, f"the source in {provenance.NAME} is unusable ({e}): {NO_REFERENCE}"
-    return Reference(ck, origin, stored), None
+    return Reference(ck, origin, stored, tensors), None
 
 
 def recorded_source(out: Path) -> tuple[Path | None, str]:
@@ -124,8 +140,8 @@ def match(ref: Reference, modules: Sequence[QuantModule], contract: Contract | N
     there is a finding about the checkpoint (added to `contract`). Raises InputError when
     nothing matches (the reference is another model)."""
     ck = ref.checkpoint
-    tensors = ck.tensors
-    embedding = _embedding_table(ck)
+    tensors = ref.tensors
+    embedding = _embedding_table(ck, tensors)
     problems: list[Finding] = []
     for qm in modules:
         name = f"{qm.name}.weight"
@@ -167,15 +183,15 @@ def match(ref: Reference, modules: Sequence[QuantModule], contract: Contract | N
         contract.findings.extend(problems)
 
 
-def _embedding_table(ck: Checkpoint) -> TensorInfo | None:
+def _embedding_table(ck: Checkpoint, tensors: dict[str, TensorInfo]) -> TensorInfo | None:
     config = {k: v for k, v in (ck.config or {}).items() if k != "quantization_config"}
-    shapes = {n: (t.dtype, t.shape) for n, t in ck.tensors.items()}
+    shapes = {n: (t.dtype, t.shape) for n, t in tensors.items()}
     try:
         modules = kinds.classify(shapes, config)
     except kinds.UnsupportedArchitecture:
         return None
     name = heads.embedding_table(modules, config, shapes)
-    return ck.tensors[name] if name else None
+    return tensors[name] if name else None
 
 
 def compare_dense_tensors(
@@ -186,7 +202,7 @@ def compare_dense_tensors(
     output's dtype)."""
     found = []
     for name, info in ck.tensors.items():
-        r = ref.checkpoint.tensors.get(name)
+        r = ref.tensors.get(name)
         if r is None or info.dtype not in FLOAT_DTYPES or (skip and skip(name)):
             continue
         stored = ref.stored.get(name)
@@ -209,7 +225,7 @@ def compare_dense_tensors(
     return found
 
 
-def _same_decoded(info: TensorInfo, stored: Stored, chunk: int = 1 << 22) -> bool:
+def _same_decoded(info: TensorInfo, stored: Stored | Piece, chunk: int = 1 << 22) -> bool:
     import torch
 
     fds: dict[Path, int] = {}
@@ -221,7 +237,7 @@ def _same_decoded(info: TensorInfo, stored: Stored, chunk: int = 1 << 22) -> boo
 
     dtype = getattr(torch, DTYPES[info.dtype][1])
     rows, cols = stored.shape
-    step = max(1, chunk // cols)
+    step = rows if stored.whole else max(1, chunk // cols)
     try:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
