@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcli import dequant, experts, heads, kinds, layout, loaders, rules
+from qcli import dequant, experts, heads, kinds, layout, loaders, names, rules
 from qcli.dequant import Stored
 from qcli.errors import InputError, PlanError
 from qcli.experts import Piece
@@ -236,7 +236,8 @@ def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
         raise PlanError(str(e)) from None
     head = heads.resolve(modules, config, shapes)
     _refuse_headless(head, config)
-    matcher = Matcher(list(opts.targets), list(opts.ignore))
+    spelled = names.Names(config)  # a VLM's modules answer to two names
+    matcher = Matcher(list(opts.targets), list(opts.ignore), spelled.spellings if spelled else None)
     _refuse_non_linear_targets(modules, matcher)
     selected = _select(modules, head, opts, matcher)
     head_plan = _head_plan(head, selected, modules)
@@ -268,7 +269,7 @@ def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
         warnings.append(
             f"{len(moe)} MoE expert projections quantized ({opts.scheme.name}): {limit}"
         )
-    out_config = _output_config(config, opts.scheme, head_plan, dense_linear)
+    out_config = _output_config(config, opts.scheme, head_plan, dense_linear, spelled)
     return Plan(
         ck, opts, modules, plans, quantized, dense_linear, head_plan, out_config, fused, warnings
     )
@@ -544,12 +545,20 @@ def _refuse_split_fused(fused: Sequence[tuple[str, ...]], selected: Mapping[str,
 
 
 def _output_config(
-    config: Mapping[str, Any], scheme: Scheme, head: HeadPlan, dense_linear: list[str]
+    config: Mapping[str, Any],
+    scheme: Scheme,
+    head: HeadPlan,
+    dense_linear: list[str],
+    spelled: names.Names,
 ) -> dict[str, Any]:
     out = copy.deepcopy(dict(config))
     # vLLM quantizes its ParallelLMHead only when lm_head is named in targets
     targets = ([head.name] if head.state == QUANTIZED else []) + ["Linear"]
-    out["quantization_config"] = quantization_config(scheme, targets, dense_linear)
+    # exact names in both spellings: compressed-tensors matches transformers' module names,
+    # vLLM maps either spelling onto its own (qcli.names)
+    out["quantization_config"] = quantization_config(
+        scheme, spelled.both(targets), spelled.both(dense_linear)
+    )
     if head.state == QUANTIZED and head.tied:
         heads.untie(out)
     return out

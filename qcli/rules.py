@@ -20,7 +20,7 @@ names the entry that decided, so plans can show users why a module was quantized
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -97,9 +97,15 @@ class Matcher:
     named None (the user's --targets)."""
 
     def __init__(
-        self, groups: Mapping[str, Sequence[str]] | Sequence[str], ignore: Sequence[str] = ()
+        self,
+        groups: Mapping[str, Sequence[str]] | Sequence[str],
+        ignore: Sequence[str] = (),
+        spellings: Callable[[str], list[str]] | None = None,
     ):
+        """`spellings`: every name a module goes by (qcli.names: its disk and its loaded
+        name, for vision-language models); an entry matching any of them matches."""
         items = groups.items() if isinstance(groups, Mapping) else [(None, groups)]
+        self._spell = spellings or (lambda n: [n])
         owner: dict[str, str | None] = {}
         for group, targets in items:
             for t in targets:
@@ -114,10 +120,12 @@ class Matcher:
 
     def target(self, name: str, cls: str) -> Hit | None:
         """The most specific target that matches, ignore aside."""
+        names = self._spell(name)
         for t in self._ordered:
-            how = entry_matches(t, name, cls)
-            if how in (NAME, REGEX):
-                return Hit(t, how, self._owner[t])
+            for n in names:
+                how = entry_matches(t, n, cls)
+                if how in (NAME, REGEX):
+                    return Hit(t, how, self._owner[t])
         for t in self._ordered:
             if entry_matches(t, name, cls) == CLASS:
                 return Hit(t, CLASS, self._owner[t])
@@ -125,10 +133,12 @@ class Matcher:
 
     def ignored(self, name: str, cls: str) -> Hit | None:
         """The first ignore entry that matches (ignore entries match by class too)."""
+        names = self._spell(name)
         for e in self.ignore:
-            how = entry_matches(e, name, cls)
-            if how:
-                return Hit(e, how)
+            for n in names:
+                how = entry_matches(e, n, cls)
+                if how:
+                    return Hit(e, how)
         return None
 
     def match(self, name: str, cls: str) -> Hit | None:
@@ -139,11 +149,11 @@ class Matcher:
 
     def unmatched_targets(self, modules: Iterable[tuple[str, str]]) -> list[str]:
         """Targets that match none of the (name, class) pairs, in their listed order."""
-        pairs = list(modules)
+        pairs = [(s, c) for n, c in modules for s in self._spell(n)]
         return [t for t in self._owner if not any(entry_matches(t, n, c) for n, c in pairs)]
 
     def unmatched_ignores(self, modules: Iterable[tuple[str, str]]) -> list[str]:
-        pairs = list(modules)
+        pairs = [(s, c) for n, c in modules for s in self._spell(n)]
         return [i for i in self.ignore if not any(entry_matches(i, n, c) for n, c in pairs)]
 
 

@@ -1,8 +1,9 @@
 """Where a checkpoint comes from: a local folder, or a hub repo id through huggingface_hub.
 
 The hub path downloads only what a quantize run needs (weights, index, configs, tokenizer and
-generation files), honours HF_HUB_OFFLINE and the standard cache, and reports the resolved
-commit so the output's provenance names exactly what was read.
+generation files; PyTorch .bin weights only for a repo without safetensors), honours
+HF_HUB_OFFLINE and the standard cache, and reports the resolved commit so the output's
+provenance names exactly what was read.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qcli.errors import InputError
-from qcli.tensors import Checkpoint, open_checkpoint
+from qcli.tensors import INDEX_NAME, Checkpoint, open_checkpoint
 
 # What a quantize run reads or copies: weights, index, configs, tokenizer and generation
 # files, chat templates, remote code that config.json's auto_map may point at.
@@ -27,6 +28,9 @@ ALLOW_PATTERNS = [
     "*.py",
     "*.md",
 ]
+# PyTorch weights, under the names transformers loads (never training_args.bin and the like):
+# fetched only for a repo without safetensors, as transformers prefers those when both exist.
+BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 
 
@@ -107,18 +111,33 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> Source:
 
     try:
         with hub_errors(repo_id, revision):
+            local = not reachable(repo_id, revision, token)
             folder = snapshot_download(
                 repo_id,
                 revision=revision,
                 token=token,
                 allow_patterns=ALLOW_PATTERNS,
-                local_files_only=not reachable(repo_id, revision, token),
+                local_files_only=local,
             )
+            if not local and not _has_safetensors(Path(folder)):
+                # the .bin weights of the same commit (the snapshot folder's name); offline,
+                # the cached snapshot holds whatever an earlier run fetched
+                folder = snapshot_download(
+                    repo_id,
+                    revision=Path(folder).name,
+                    token=token,
+                    allow_patterns=BIN_PATTERNS,
+                )
     except ValueError as e:  # HFValidationError: a malformed repo id or revision
         raise InputError(f"{repo_id}: cannot fetch ({str(e).splitlines()[0]})") from None
     path = Path(folder)
     # snapshot folders are named by commit hash: that is the exact revision read.
     return Source(path, repo_id, repo_id, path.name)
+
+
+def _has_safetensors(folder: Path) -> bool:
+    """What qcli.tensors reads first: a safetensors index or any safetensors file."""
+    return (folder / INDEX_NAME).exists() or any(folder.glob("*.safetensors"))
 
 
 @dataclass

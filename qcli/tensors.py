@@ -97,7 +97,7 @@ def dtype_size(dtype: str) -> int:
 
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``layers.10`` after ``layers.9``."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    return tuple(int(p) if p.isdecimal() else p for p in re.split(r"(\d+)", name))
 
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
@@ -237,7 +237,8 @@ def open_checkpoint(
     weight_files: Sequence[Path] | None = None,
     keep_unlisted: bool = True,
 ) -> Checkpoint:
-    """Read every header of a safetensors checkpoint folder and check they agree.
+    """Read every header of a safetensors checkpoint folder and check they agree (a folder
+    without safetensors: its pytorch_model.bin, or their index, through qcli.torchbin).
 
     `read` and `weight_files` let qcli.hub build a Checkpoint whose shards are not on disk
     (headers fetched over HTTP): `read` replaces the local header reader, and `weight_files`
@@ -250,15 +251,19 @@ def open_checkpoint(
         raise CheckpointError(f"not a checkpoint folder: {folder}")
     config = _read_config(folder, require_config)
     if (folder / INDEX_NAME).exists():
-        files, tensors, metadata, warnings = _from_index(folder, read, keep_unlisted)
+        files, tensors, metadata, warnings = _from_index(folder, INDEX_NAME, read, keep_unlisted)
         sharded = True
     else:
         listed = folder.glob("*.safetensors") if weight_files is None else weight_files
         files = sorted(listed, key=lambda p: natural_key(p.name))
-        if not files:
-            _refuse_weightless(folder)
-        tensors, metadata = _from_files(files, read or read_header)
-        warnings, sharded = [], len(files) > 1
+        if not files and read is None and weight_files is None and _bin_weights(folder):
+            # No safetensors at all: transformers then loads pytorch_model.bin; so does qcli.
+            files, tensors, metadata, warnings, sharded = _from_bin(folder, keep_unlisted)
+        else:
+            if not files:
+                _refuse_weightless(folder)
+            tensors, metadata = _from_files(files, read or read_header)
+            warnings, sharded = [], len(files) > 1
     if not tensors:
         raise CheckpointError(f"{folder}: the checkpoint holds no tensors")
     tensors = dict(sorted(tensors.items(), key=lambda kv: natural_key(kv[0])))
@@ -279,38 +284,67 @@ def _read_config(folder: Path, required: bool) -> dict[str, Any] | None:
 
 
 def _from_index(
-    folder: Path, read: HeaderReader | None, keep_unlisted: bool
+    folder: Path,
+    index_name: str,
+    read: HeaderReader | None,
+    keep_unlisted: bool,
+    pattern: str = "*.safetensors",
+    local_read: HeaderReader = read_header,
 ) -> tuple[list[Path], dict[str, TensorInfo], dict[str, dict[str, str]], list[str]]:
-    """A sharded checkpoint: the index's weight map, checked against each shard's header."""
-    index = _load_json(folder / INDEX_NAME, INDEX_NAME)
+    """A sharded checkpoint: the index's weight map, checked against each shard's header.
+    `pattern` globs the shards an index may leave out, `local_read` reads one on disk."""
+    index = _load_json(folder / index_name, index_name)
     wmap = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise CheckpointError(f"{INDEX_NAME}: no valid weight_map")
+        raise CheckpointError(f"{index_name}: no valid weight_map")
     for v in wmap.values():
         # a plain file name in this folder: never a path out of it ("../", "/etc/..."),
         # which a stranger's index could use to make qcli read any file
         if Path(v).name != v or v in (".", ".."):
-            raise CheckpointError(f"{INDEX_NAME} names shard {v!r}, not a file name")
+            raise CheckpointError(f"{index_name} names shard {v!r}, not a file name")
     files = sorted({folder / v for v in wmap.values()}, key=lambda p: natural_key(p.name))
     headers, metadata = {}, {}
     for f in files:
         if read is None and not f.is_file():
-            raise CheckpointError(f"{INDEX_NAME} names shard {f.name}, which is missing")
-        metadata[f.name], headers[f.name] = (read or read_header)(f)
+            raise CheckpointError(f"{index_name} names shard {f.name}, which is missing")
+        metadata[f.name], headers[f.name] = (read or local_read)(f)
     tensors: dict[str, TensorInfo] = {}
     for tname, shard in wmap.items():
         if tname not in headers[shard]:
-            raise CheckpointError(f"{INDEX_NAME} maps {tname!r} to {shard}, which lacks it")
+            raise CheckpointError(f"{index_name} maps {tname!r} to {shard}, which lacks it")
         tensors[tname] = headers[shard][tname]
-    warnings = _unlisted(headers, wmap, tensors if keep_unlisted else None)
+    warnings = _unlisted(headers, wmap, tensors if keep_unlisted else None, index_name)
     if read is None:
         listed = {f.name for f in files}
         warnings += [
-            f"{p.name} is not named in {INDEX_NAME}: not read (loaders skip it too)"
-            for p in sorted(folder.glob("*.safetensors"), key=lambda p: natural_key(p.name))
+            f"{p.name} is not named in {index_name}: not read (loaders skip it too)"
+            for p in sorted(folder.glob(pattern), key=lambda p: natural_key(p.name))
             if p.name not in listed
         ]
     return files, tensors, metadata, warnings
+
+
+def _bin_weights(folder: Path) -> bool:
+    from qcli import torchbin
+
+    return (folder / torchbin.INDEX_NAME).exists() or (folder / torchbin.SINGLE_NAME).exists()
+
+
+def _from_bin(
+    folder: Path, keep_unlisted: bool
+) -> tuple[list[Path], dict[str, TensorInfo], dict[str, dict[str, str]], list[str], bool]:
+    """torch.save's .bin weights, by transformers' names only (a folder's other .bin files,
+    training_args.bin or optimizer.bin, are not weights)."""
+    from qcli import torchbin
+
+    if (folder / torchbin.INDEX_NAME).exists():
+        files, tensors, metadata, warnings = _from_index(
+            folder, torchbin.INDEX_NAME, None, keep_unlisted, torchbin.SHARD_GLOB, torchbin.read_bin
+        )
+        return files, tensors, metadata, warnings, True
+    files = [folder / torchbin.SINGLE_NAME]
+    tensors, metadata = _from_files(files, torchbin.read_bin)
+    return files, tensors, metadata, [], False
 
 
 def _from_files(
@@ -337,9 +371,9 @@ def _refuse_weightless(folder: Path) -> None:
     )
     if bins:
         raise CheckpointError(
-            f"{folder}: only PyTorch pickle weights ({bins[0]}); qcli reads safetensors"
-            " only (pickles can run code). Convert them first, e.g. with"
-            " transformers' save_pretrained(safe_serialization=True)"
+            f"{folder}: only PyTorch pickle weights ({bins[0]}); qcli reads safetensors, or"
+            " torch.save's zip format under transformers' names (pytorch_model.bin, or its"
+            " index and shards). Convert them first, e.g. with transformers' save_pretrained"
         )
     raise CheckpointError(f"{folder}: no *.safetensors weights found")
 
@@ -348,6 +382,7 @@ def _unlisted(
     headers: Mapping[str, Mapping[str, TensorInfo]],
     wmap: Mapping[str, str],
     tensors: dict[str, TensorInfo] | None,
+    index_name: str = INDEX_NAME,
 ) -> list[str]:
     """A warning naming each tensor that a listed shard holds but the index does not name,
     and, given `tensors`, those tensors added to it: dropping one silently once cost a model
@@ -360,21 +395,21 @@ def _unlisted(
             if tname in wmap:
                 if wmap[tname] != shard:
                     warnings.append(
-                        f"{shard} also holds {tname!r}, which {INDEX_NAME} maps to"
+                        f"{shard} also holds {tname!r}, which {index_name} maps to"
                         f" {wmap[tname]}: that copy is used"
                     )
                 continue
             if tensors is None:
-                warnings.append(f"{shard} holds {tname!r}, which {INDEX_NAME} does not list")
+                warnings.append(f"{shard} holds {tname!r}, which {index_name} does not list")
                 continue
             if tname in tensors:  # in two shards, neither named by the index
                 raise CheckpointError(
                     f"tensor {tname!r} appears in both {tensors[tname].file.name} and {shard},"
-                    f" and {INDEX_NAME} names neither"
+                    f" and {index_name} names neither"
                 )
             tensors[tname] = info
             warnings.append(
-                f"{shard} holds {tname!r}, which {INDEX_NAME} does not list: kept (transformers"
+                f"{shard} holds {tname!r}, which {index_name} does not list: kept (transformers"
                 " would load the source without it)"
             )
     return warnings

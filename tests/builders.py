@@ -313,3 +313,41 @@ def rewrite_bin(path: Path, *, pickle: bytes | None = None, compress: bool = Fal
             deflate = compress and "/data/" in name
             z.writestr(name, data, zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
     return path
+
+
+def vlm(kind: str, dest: Path, seed: int = 0) -> Path:
+    """A tiny random vision-language model saved by transformers 5, which writes the legacy
+    names on disk: "llava" (`language_model.model.layers...`) or "qwen2_vl"
+    (`model.layers...`, `visual.blocks...`)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    if kind == "llava":
+        vision = T.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=28, patch_size=14, projection_dim=32,
+        )  # fmt: skip
+        cfg = T.LlavaConfig(
+            text_config=T.LlamaConfig(**text), vision_config=vision, image_token_index=300,
+            vision_feature_layer=-1,
+        )  # fmt: skip
+        model = T.LlavaForConditionalGeneration(cfg)
+    elif kind == "qwen2_vl":
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [4, 2, 2]}
+        vision = dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+            spatial_merge_size=2, in_channels=3, temporal_patch_size=2,
+        )  # fmt: skip
+        cfg = T.Qwen2VLConfig(
+            text_config=text, vision_config=vision, image_token_id=300, video_token_id=301,
+            vision_start_token_id=302, tie_word_embeddings=False,
+        )  # fmt: skip
+        model = T.Qwen2VLForConditionalGeneration(cfg)
+    else:
+        raise ValueError(kind)
+    model.to(torch.bfloat16).save_pretrained(dest)
+    return dest

@@ -8,10 +8,10 @@ by group G" or "dense"; the tensors must say the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from qcli import heads, kinds, layout, loaders
+from qcli import heads, kinds, layout, loaders, names
 from qcli.checks.config import Group
 from qcli.checks.findings import ERROR, NAN_LOGITS, READ_AS_FLOAT, WARNING, Contract, LmHead
 from qcli.checks.tensors import check_quantized_module
@@ -27,9 +27,14 @@ VLLM_HEAD_CLASS = "ParallelLMHead"
 class Reading:
     """Which group of a written config quantizes each module, as a loader decides it."""
 
-    def __init__(self, groups: Sequence[Group], ignore: Sequence[str]):
+    def __init__(
+        self,
+        groups: Sequence[Group],
+        ignore: Sequence[str],
+        spellings: Callable[[str], list[str]] | None = None,
+    ):
         self.groups = {g.name: g for g in groups}
-        self.matcher = Matcher({g.name: g.targets for g in groups}, ignore)
+        self.matcher = Matcher({g.name: g.targets for g in groups}, ignore, spellings)
 
     def group(self, name: str, cls: str = kinds.LINEAR) -> Group | None:
         hit = self.matcher.match(name, cls)
@@ -53,13 +58,16 @@ def check_modules(
 ) -> None:
     """Every module's stored state against the config's decision for it (`tensors`: the
     checkpoint's, fused experts seen per expert: qcli.experts.view)."""
-    reading = Reading(groups, ignore)
+    spelled = names.Names(config)
+    reading = Reading(groups, ignore, spelled.spellings if spelled else None)
     head = heads.resolve(modules, config, {n: (t.dtype, t.shape) for n, t in tensors.items()})
     linear = [m for m in modules.values() if m.kind == kinds.LINEAR and m.weight]
     selected = {m.name: reading.group(m.name) for m in linear}
     _check_linear(linear, selected, reading, tensors, result, kinds.model_types(config))
     _check_non_linear(modules, tensors, result)
-    _check_targets(groups, linear, head, result)
+    _check_targets(groups, linear, head, result, spelled)
+    if spelled:
+        _check_spellings(linear, Reading(groups, ignore), spelled, result)
     result.lm_head = _check_lm_head(head, tensors, groups, reading, selected, result)
     if head.virtual and result.lm_head and not result.lm_head.transformers:
         result.dense_linear.append(head.name)
@@ -150,14 +158,44 @@ def _check_non_linear(
             )
 
 
+def _check_spellings(
+    linear: Sequence[kinds.Module], plain: Reading, spelled: names.Names, result: Contract
+) -> None:
+    """A vision-language model's config must decide each module alike under its disk name
+    (vLLM's) and its loaded name (transformers', whose name compressed-tensors matches)."""
+    for m in linear:
+        loaded = spelled.loaded(m.name)
+        if loaded == m.name:
+            continue
+        on_disk, in_memory = plain.group(m.name), plain.group(loaded)
+        if on_disk == in_memory:
+            continue
+        how = "quantizes" if in_memory is not None else "leaves dense"
+        result.add(
+            "config.spelling",
+            m.name,
+            f"the config decides it by its disk name, but transformers 5 calls it {loaded},"
+            f" which it {how}: an exact entry needs both spellings (or a regex that matches"
+            " both)",
+            "transformers finds no scale for it: garbage or NaN logits (vLLM reads it right)"
+            if in_memory is not None
+            else READ_AS_FLOAT + " (vLLM reads it right)",
+        )
+
+
 def _check_targets(
-    groups: Sequence[Group], linear: Sequence[kinds.Module], head: Head, result: Contract
+    groups: Sequence[Group],
+    linear: Sequence[kinds.Module],
+    head: Head,
+    result: Contract,
+    spelled: names.Names,
 ) -> None:
     pairs = [(m.name, kinds.LINEAR) for m in linear] + [(m.name, VLLM_HEAD_CLASS) for m in linear]
     if head.virtual:
         pairs += [(head.name, kinds.LINEAR), (head.name, VLLM_HEAD_CLASS)]
     for g in groups:
-        for t in Matcher(list(g.targets)).unmatched_targets(pairs):
+        spellings = spelled.spellings if spelled else None
+        for t in Matcher(list(g.targets), (), spellings).unmatched_targets(pairs):
             result.add(
                 "config.targets",
                 f"{g.name}.targets",

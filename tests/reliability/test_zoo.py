@@ -376,11 +376,13 @@ def no_weights(tmp: Path):
     return src, _out(tmp), []
 
 
-@case(EXIT_BAD_INPUT, "pytorch_model.bin", "safetensors only")
+@case(EXIT_BAD_INPUT, "model.bin", "reads safetensors", "pytorch_model.bin")
 def only_bin_weights(tmp: Path):
+    # pytorch_model.bin is read (tests/test_bin.py); a .bin by another name is not weights
+    # transformers would load
     src = _src(tmp)
     (src / SHARD).unlink()
-    torch.save({Q: torch.zeros(2, 2)}, src / "pytorch_model.bin")
+    torch.save({Q: torch.zeros(2, 2)}, src / "model.bin")
     return src, _out(tmp), []
 
 
@@ -665,6 +667,58 @@ def failed_run_removes_parents_it_created(tmp: Path):
     w = torch.randn(I, H).bfloat16()
     w[0, 0] = float("nan")
     return _src(tmp, extra={UP: w}), tmp / "new" / "deeper" / "out", []
+
+
+def _bin_src(tmp: Path) -> Path:
+    from tests.builders import to_bin
+
+    return to_bin(_src(tmp))
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@case(EXIT_BAD_INPUT, "pytorch_model.bin", "posix.system", "never unpickles code")
+def bin_pickle_runs_code(tmp: Path):
+    import pickle
+
+    from tests.builders import rewrite_bin
+
+    src = _bin_src(tmp)
+    # had it run, the tree check would see tmp/pwned
+    payload = pickle.dumps({Q: _RunsCode(tmp / "pwned")}, protocol=2)
+    rewrite_bin(src / "pytorch_model.bin", pickle=payload)
+    return src, _out(tmp), []
+
+
+@case(EXIT_BAD_INPUT, "pytorch_model.bin", "legacy PyTorch format", "re-save")
+def bin_legacy_format(tmp: Path):
+    src = _bin_src(tmp)
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    torch.save(state, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    return src, _out(tmp), []
+
+
+@case(EXIT_BAD_INPUT, "pytorch_model.bin", "compressed")
+def bin_storage_compressed(tmp: Path):
+    from tests.builders import rewrite_bin
+
+    src = _bin_src(tmp)
+    rewrite_bin(src / "pytorch_model.bin", compress=True)
+    return src, _out(tmp), []
+
+
+@case(EXIT_BAD_INPUT, "pytorch_model.bin.index.json", "pytorch_model-00002-of-00002.bin")
+def bin_index_names_a_missing_shard(tmp: Path):
+    src = _bin_src(tmp)
+    wmap = {Q: "pytorch_model.bin", UP: "pytorch_model-00002-of-00002.bin"}
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wmap}))
+    return src, _out(tmp), []
 
 
 @pytest.mark.parametrize(("c", "variant"), ZOO.params())
