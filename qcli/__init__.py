@@ -14,7 +14,19 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category
 
 __version__ = "0.1.0"
 
-_API = ("quantize", "plan", "dry_run", "inspect", "verify", "eval", "sensitivity", "plan_options")
+_API = (
+    "quantize",
+    "quantize_part",
+    "finish_parts",
+    "quantize_on_ray",
+    "plan",
+    "dry_run",
+    "inspect",
+    "verify",
+    "eval",
+    "sensitivity",
+    "plan_options",
+)
 __all__ = ["__version__", *_API]
 
 

@@ -14,6 +14,8 @@ exit code the CLI uses). Nothing here prints.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from qcli.planner import Plan, PlanOptions
 from qcli.schemes import get_scheme
 
 if TYPE_CHECKING:
+    from qcli import parts
     from qcli.convert import Result
     from qcli.evaluation.report import EvalReport
     from qcli.evaluation.sensitivity import Sensitivity
@@ -118,19 +121,7 @@ def quantize(
     outdir.check(made.checkpoint.folder, out, overwrite)
     if on_plan:
         on_plan(made)
-    record = {
-        "source": src_info.provenance(),
-        "options": {
-            "scheme": opts.scheme.name,
-            "targets": list(opts.targets),
-            "ignore": list(opts.ignore),
-            "lm_head": opts.lm_head,
-            "default_ignore": opts.default_ignore,
-            "allow_unmatched": opts.allow_unmatched,
-            "int8_max": opts.int8_max,
-            "max_shard_size": str(max_shard_size),
-        },
-    }
+    record = _record(src_info, opts, max_shard_size)
     written = convert(
         made,
         out,
@@ -142,6 +133,135 @@ def quantize(
         workers=workers,
     )
     return QuantizeResult(made, written, src_info.provenance())
+
+
+def _record(src: source.Source, opts: planner.PlanOptions, max_shard_size: str | int) -> dict:
+    """What qcli_provenance.json and the model card say about the run."""
+    return {
+        "source": src.provenance(),
+        "options": {
+            "scheme": opts.scheme.name,
+            "targets": list(opts.targets),
+            "ignore": list(opts.ignore),
+            "lm_head": opts.lm_head,
+            "default_ignore": opts.default_ignore,
+            "allow_unmatched": opts.allow_unmatched,
+            "int8_max": opts.int8_max,
+            "max_shard_size": str(max_shard_size),
+        },
+    }
+
+
+def quantize_part(
+    src: str | Path,
+    out: str | Path,
+    part: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    max_shard_size: str | int = "5GB",
+    workers: int | None = None,
+    progress: Callable[[int, str], None] | None = None,
+    on_tensor: Callable[[planner.TensorPlan], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    **options: Any,
+) -> parts.PartResult:
+    """Part `part` ("I/N") of a quantize run: only its own output shards, into `out`
+    (qcli.parts). Every part computes the same plan; a hub source downloads only the
+    shards this part reads. Run :func:`finish_parts` once all parts are done."""
+    from qcli import parts
+    from qcli.convert import shard_jobs
+
+    split = parts.parse_split(part)
+    out = _out_path(out)
+    shard_bytes = _shard_bytes(max_shard_size)
+    opts = plan_options(**options)
+    opened = source.open_headers(str(src), revision, token)
+    made = planner.build(opened.checkpoint, opts)
+    jobs = shard_jobs(made, shard_bytes)
+    mine = parts.assign(jobs, split.count)[split.index - 1]
+    source.fetch_files(opened, {f.name for f in parts.source_files(mine)})
+    if on_plan:
+        on_plan(made)
+    return parts.run_part(
+        made, out, jobs, split, workers=workers, progress=progress, on_tensor=on_tensor
+    )
+
+
+def finish_parts(
+    src: str | Path,
+    out: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    max_shard_size: str | int = "5GB",
+    **options: Any,
+) -> QuantizeResult:
+    """After every part: check the shards, write the rest of the checkpoint (qcli.parts)."""
+    from qcli import parts
+    from qcli.convert import shard_jobs
+
+    out = _out_path(out)
+    shard_bytes = _shard_bytes(max_shard_size)
+    opts = plan_options(**options)
+    opened = source.open_headers(str(src), revision, token)
+    made = planner.build(opened.checkpoint, opts)
+    src_info = source.fetch_files(opened, set())
+    record = _record(src_info, opts, max_shard_size)
+    written = parts.finish(made, out, shard_jobs(made, shard_bytes), record)
+    return QuantizeResult(made, written, src_info.provenance())
+
+
+def quantize_on_ray(
+    src: str | Path,
+    out: str | Path,
+    *,
+    address: str | None = None,
+    cpus: int = 1,
+    revision: str | None = None,
+    token: str | None = None,
+    max_shard_size: str | int = "5GB",
+    progress: Callable[[int, str], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    **options: Any,
+) -> QuantizeResult:
+    """The run as Ray tasks, one per output shard (qcli.cluster), then :func:`finish_parts`:
+    the same files as :func:`quantize`. `address`: the cluster (else RAY_ADDRESS, else a
+    local one); `cpus`: each task's num_cpus, and its threads."""
+    from qcli import cluster, parts
+    from qcli.convert import shard_jobs
+
+    out = Path(os.path.abspath(_out_path(out)))
+    shard_bytes = _shard_bytes(max_shard_size)
+    if cpus < 1:
+        raise InputError(f"--workers must be 1 or more with --ray, not {cpus}")
+    opened = source.open_headers(str(src), revision, token)
+    made = planner.build(opened.checkpoint, plan_options(**options))
+    jobs = shard_jobs(made, shard_bytes)
+    if not (out / parts.PARTS_DIR).is_dir():  # else: a run that stopped, resumed
+        outdir.check(made.checkpoint.folder, out, False)
+    if on_plan:
+        on_plan(made)
+    local = source.local_folder(str(src), revision)
+    spec = str(local.resolve()) if local is not None else str(src)  # the same on every node
+    t0 = time.perf_counter()
+    cluster.run(
+        spec,
+        out,
+        address=address,
+        cpus=cpus,
+        max_shard_size=max_shard_size,
+        revision=revision,
+        token=token,
+        options=options,
+        shards=len(jobs),
+        progress=progress,
+    )
+    done = finish_parts(
+        spec, out, revision=revision, token=token, max_shard_size=max_shard_size, **options
+    )
+    done.written.seconds = time.perf_counter() - t0  # the whole run, not the finish alone
+    return done
 
 
 def _out_path(out: str | Path) -> Path:

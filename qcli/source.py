@@ -166,3 +166,26 @@ def open_headers(spec: str, revision: str | None = None, token: str | None = Non
         "headers_cached": h.cached_files,
     }
     return Opened(h.checkpoint, src, f"{h.repo_id}@{h.commit[:12]}")
+
+
+def fetch_files(opened: Opened, weights: set[str]) -> Source:
+    """A hub source read by its headers (open_headers): download the named weight files and
+    every file that is not weights (configs, tokenizer) at its pinned commit, so one part of
+    a split run fetches only the shards it reads. A local folder is returned as it is."""
+    folder = opened.checkpoint.folder
+    repo_id, commit = opened.source.get("repo_id"), opened.source.get("revision")
+    if not repo_id:
+        return Source(folder, str(folder))
+    from huggingface_hub import snapshot_download
+
+    from qcli.hub import hub_errors, reachable
+
+    patterns = [p for p in ALLOW_PATTERNS if p != "*.safetensors"] + sorted(weights)
+    with hub_errors(repo_id, commit):
+        got = snapshot_download(
+            repo_id,
+            revision=commit,
+            allow_patterns=patterns,
+            local_files_only=not reachable(repo_id, commit, None),
+        )
+    return Source(Path(got), repo_id, repo_id, Path(got).name)

@@ -32,6 +32,12 @@ Examples:
   qcli quantize ./model out/ --ignore 're:.*down_proj' --dry-run
 
   qcli quantize ./model out/ --json --quiet | jq .bytes_out
+
+  qcli quantize org/big-model out/ --part 3/8      # one machine's share; then:
+
+  qcli quantize org/big-model out/ --finish
+
+  qcli quantize ./model out/ --ray                 # parts as Ray tasks (pip install 'qcli[ray]')
 """
 
 
@@ -72,6 +78,32 @@ def quantize(
     workers: Annotated[
         int, typer.Option("--workers", help="Threads (0: one per core, up to 4).")
     ] = 0,
+    part: Annotated[
+        str | None,
+        typer.Option(
+            "--part",
+            metavar="I/N",
+            help="Write only part I of N of the output shards (every machine plans alike);"
+            " then run --finish once.",
+        ),
+    ] = None,
+    finish: Annotated[
+        bool,
+        typer.Option(
+            "--finish", help="After every --part: check the shards, write the rest of OUT."
+        ),
+    ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Run the parts as Ray tasks (RAY_ADDRESS or --ray-address; else a local"
+            " cluster), then finish.",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="The Ray cluster for --ray.")
+    ] = None,
     verbose: Annotated[
         bool,
         typer.Option("--verbose", "-v", help="A line per tensor, with its size before and after."),
@@ -91,6 +123,15 @@ def quantize(
     if workers < 0:
         raise InputError(f"--workers must be 0 (one per core) or more, not {workers}")
     common = dict(revision=revision, token=token, max_shard_size=max_shard_size, **options)
+    modes = [m for m, on in (("--part", part), ("--finish", finish), ("--ray", ray)) if on]
+    if ray_address and not ray:
+        raise InputError("--ray-address goes with --ray")
+    if len(modes) > 1 or (modes and (dry_run or overwrite)):
+        extra = modes + (["--dry-run"] if dry_run else []) + (["--overwrite"] if overwrite else [])
+        raise InputError(f"{' and '.join(extra)} do not go together")
+    if modes:
+        _split_run(output, src, out, part, finish, ray_address, workers, verbose, common)
+        return
     if dry_run:
         _dry_run(output, qcli.dry_run(src, out, overwrite=overwrite, **common), max_shard_size)
         return
@@ -124,6 +165,58 @@ def quantize(
             on_plan=planned,
             **common,
         )
+    output.json(done.to_json())
+    _written(output, done)
+
+
+def _split_run(output, src, out, part, finish, ray_address, workers, verbose, common) -> None:
+    """--part, --finish or --ray (qcli.parts, qcli.cluster)."""
+    import qcli
+
+    def on_plan(plan) -> None:
+        for w in plan.warnings:
+            output.warn(w)
+
+    if finish:
+        done = qcli.finish_parts(src, out, **common)
+        output.json(done.to_json())
+        _written(output, done)
+        return
+    with output.progress("quantize", None) as bar:
+
+        def planned(plan) -> None:
+            bar.update(0, plan.bytes_in)
+            on_plan(plan)
+
+        if part is not None:
+            got = qcli.quantize_part(
+                src,
+                out,
+                part,
+                workers=workers or None,
+                progress=bar.advance,
+                on_tensor=(lambda tp: output.info(_tensor_line(tp))) if verbose else None,
+                on_plan=planned,
+                **common,
+            )
+        else:
+            done = qcli.quantize_on_ray(
+                src,
+                out,
+                address=ray_address,
+                cpus=workers or 1,
+                progress=bar.advance,
+                on_plan=planned,
+                **common,
+            )
+    if part is not None:
+        output.json(got.to_json())
+        kept = f", {len(got.kept)} kept from an earlier run" if got.kept else ""
+        output.result(
+            f"[green]part {got.split}[/]: {len(got.written)} shard(s) written{kept} in"
+            f" {got.seconds:.1f} s; run --finish once every part is done"
+        )
+        return
     output.json(done.to_json())
     _written(output, done)
 
@@ -162,7 +255,7 @@ def _written(output, done) -> None:
     output.result(
         f"[green]wrote[/] {escape(str(w.out))}: {fmt.plural(len(w.files), 'file')},"
         f" {fmt.size(w.bytes_out)} in {w.seconds:.1f} s ({fmt.rate(w.bytes_in, w.seconds)})",
-        f"lm_head: [bold]{done.plan.lm_head}[/] — {escape(done.plan.head.summary())}",
+        f"lm_head: {escape(done.plan.head.summary())}",
     )
 
 
