@@ -11,6 +11,7 @@ shard's contents, so jobs can run in any order (qcli.outdir makes the folder ato
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import threading
@@ -196,6 +197,10 @@ class Executor:
         self._torch = _torch_loading()
         self.ready = self._torch.__enter__()
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="qcli")
+        # The block tasks allocate many short-lived objects and no cycles worth collecting:
+        # the cyclic collector ran for 4% of a 2 GB run's samples (perf), for nothing.
+        self._gc = gc.isenabled()
+        gc.disable()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -203,6 +208,8 @@ class Executor:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self._torch.__exit__(*exc)
         finally:
+            if self._gc:
+                gc.enable()
             self._close_fds()
 
     def _close_fds(self) -> None:

@@ -242,15 +242,23 @@ def w8a8_int8(
     return GemmRun(out, kernel, exact, note.lstrip("; "), reference, deviation(out, reference))
 
 
+# Token counts up to which W8A16 runs torch's int8-weight GEMV kernel (faster there than
+# dequantizing the weight; slower above: measured 60 vs 330 ms at 1 x 768 x 50257, 275 vs
+# 33 ms at 64 x 768 x 3072)
+INT8PACK_MAX_TOKENS = 8
+
+
 def w8a16(
     x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor, check: bool | None = None
 ) -> GemmRun:
     """W8A16 int8 weight-only: ``out = x_f32 @ (q_w * w_scale)^T``.
 
-    Runs ``torch.ops.aten._weight_int8pack_mm`` in float32 (it applies the scale
-    per output after accumulating, same math). Its bfloat16 variant is avoided: on
-    torch 2.13 CPU it crashes the process for K not a multiple of 16. Falls back
-    to a float32 ``F.linear`` on the dequantized weight (chunked over N).
+    A few tokens run ``torch.ops.aten._weight_int8pack_mm`` in float32 (it applies the
+    scale per output after accumulating, same math); its bfloat16 variant is avoided: on
+    torch 2.13 CPU it crashes the process for K not a multiple of 16. More tokens run a
+    float32 ``F.linear`` on the dequantized weight (chunked over N), as GPU W8A16 kernels
+    do: on CPU the int8pack kernel is a GEMV that takes ~M times as long for M tokens
+    (8x the dequantized GEMM at 64 tokens). It is the fallback for any M too.
     ``exact`` is ``None``: float accumulation, like every W8A16 kernel; with a check,
     ``reference`` is the float64 product of the dequantized weight.
     """
@@ -258,6 +266,10 @@ def w8a16(
     if q_w.dtype != torch.int8:
         raise ValueError(f"w8a16 needs an int8 weight, got {q_w.dtype}")
     xf = x.float().contiguous()
+    if xf.shape[0] > INT8PACK_MAX_TOKENS:
+        out = _dequant_linear(xf, q_w, w_scale)
+        run = GemmRun(out, "dequantized int8 weight, float32 F.linear", None)
+        return _with_float_reference(run, xf, q_w, w_scale, check)
     try:
         out = torch.ops.aten._weight_int8pack_mm(
             xf, q_w.contiguous(), w_scale.float().reshape(-1).contiguous()
@@ -449,19 +461,25 @@ def saturating_u8s8_emulation(xq: torch.Tensor, q_w: torch.Tensor) -> torch.Tens
     :func:`int8_gemm_may_saturate`; a real kernel's pairing follows its packed
     layout, so treat a difference from exact math as "a VPMADDUBSW kernel would
     be off by about this much here", not as a bit-exact prediction.
-    Cost ``M * N * K / 2`` int32 work, chunked over N: meant for small M.
+
+    Computed as the exact product plus the clipping of the pairs that can clip: with
+    ``u <= 255`` a pair leaves int16 only if ``|w[2i]| + |w[2i+1]| >= 129``, so only those
+    weight pairs are evaluated (a few percent of a real layer's), not all ``M * N * K / 2``.
     """
     if xq.dtype != torch.int8 or q_w.dtype != torch.int8:
         raise ValueError("saturating_u8s8_emulation takes int8 operands")
     m, k = xq.shape
     pad = k % 2
-    u = F.pad(xq.to(torch.int32) + 128, (0, pad)).view(m, 1, -1, 2)
-    w_all = F.pad(q_w.to(torch.int32), (0, pad))
-    comp = 128 * q_w.to(torch.int64).sum(dim=1)
-    out = torch.empty(m, q_w.shape[0], dtype=torch.int64)
-    step = max(1, (16 << 20) // max(1, m * (k + pad)))
-    for n0 in range(0, q_w.shape[0], step):
-        w = w_all[n0 : n0 + step].view(1, -1, (k + pad) // 2, 2)
-        pairs = (u * w).sum(dim=-1).clamp_(-32768, 32767)
-        out[:, n0 : n0 + step] = pairs.sum(dim=-1, dtype=torch.int64)
-    return out - comp.reshape(1, -1)
+    out = _exact_matmul_f64(xq, q_w).round_().to(torch.int64)
+    u = F.pad(xq.to(torch.int32) + 128, (0, pad))
+    wp = F.pad(q_w, (0, pad)).view(q_w.shape[0], -1, 2)
+    reach = wp.to(torch.int16).abs_().sum(dim=-1)  # |w0| + |w1| per pair, <= 254
+    cand = (reach >= 129).nonzero()  # [C, 2]: (output row, pair)
+    step = max(1, (4 << 20) // max(1, m))
+    for c0 in range(0, cand.shape[0], step):
+        n, j = cand[c0 : c0 + step].unbind(1)
+        w0, w1 = wp[n, j, 0].to(torch.int32), wp[n, j, 1].to(torch.int32)
+        p = u[:, 2 * j] * w0 + u[:, 2 * j + 1] * w1  # [M, C] int32: the pair sums
+        clip = p.clamp(-32768, 32767).sub_(p)
+        out.index_add_(1, n, clip.to(torch.int64))
+    return out

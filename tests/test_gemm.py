@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from qcli import gemm
 from qcli.gemm import (
     FP8_MIN_SCALE,
+    INT8PACK_MAX_TOKENS,
     _exact_matmul_f64,
     cpu_features,
     dense,
@@ -132,7 +134,10 @@ def test_w8a16(m, k, n):
     x, w = _data(m, k, n)
     q, s = quantize_weight(w, "int8", torch.bfloat16)
     run = w8a16(x, q, s)
-    assert run.kernel == "aten._weight_int8pack_mm (float32)", run.note
+    if m <= INT8PACK_MAX_TOKENS:  # a GEMV kernel: a few tokens only
+        assert run.kernel == "aten._weight_int8pack_mm (float32)", run.note
+    else:
+        assert run.kernel == "dequantized int8 weight, float32 F.linear"
     assert run.exact is None
     ref = x.double() @ (q.double() * s.double()).t()
     assert _rel(run.out, ref) < 1e-5
@@ -280,3 +285,21 @@ def test_saturating_emulation_model():
     # full-range weights on random data: some outputs differ
     qfull = torch.randint(-128, 128, (11, 61), dtype=torch.int8, generator=g)
     assert bool((saturating_u8s8_emulation(xq, qfull) != xq.long() @ qfull.long().t()).any())
+
+
+@pytest.mark.parametrize("k", [7, 64, 129])
+def test_saturating_emulation_equals_the_pairwise_formula(k):
+    """The emulation evaluates only the weight pairs that can leave int16; it must equal the
+    formula over every pair: sum_i sat16(u[2i] w[2i] + u[2i+1] w[2i+1]) - 128 sum_k w[k]."""
+    g = torch.Generator().manual_seed(k)
+    xq = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g)
+    q = torch.randint(-127, 128, (9, k), dtype=torch.int8, generator=g)
+    q[0] = 127  # a row of full-range weights: every pair clips for large u
+    xq[0] = 127
+    u = torch.nn.functional.pad(xq.long() + 128, (0, k % 2)).view(5, 1, -1, 2)
+    w = torch.nn.functional.pad(q.long(), (0, k % 2)).view(1, 9, -1, 2)
+    pairs = (u * w).sum(-1).clamp(-32768, 32767).sum(-1)
+    want = pairs - 128 * q.long().sum(1).view(1, -1)
+    got = gemm.saturating_u8s8_emulation(xq, q)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, xq.long() @ q.long().t())  # it does clip here
