@@ -12,12 +12,14 @@ from qcli.experts import GRANITE, LLAMA4
 
 # transformers' MoE expert loader (integrations/compressed_tensors.py) dequantizes fp8 and
 # `weight_packed` experts while merging them into its fused 3-D parameters, and nothing else:
-# int8 `weight` + `weight_scale` experts reach its Concatenate empty.
+# under an int-quantized config, per-expert `weight` tensors reach its Concatenate empty,
+# int8 or dense alike (measured: Qwen3-MoE W8A8 with every expert kept dense fails too).
 INT8_EXPERTS = (
-    "transformers 5.24 (with compressed-tensors 0.20) cannot load int8 (W8A8) MoE experts:"
-    " it stops with 'Concatenate on tensors destined for …experts.gate_up_proj'. The"
-    " checkpoint is valid and runs in vLLM on GPUs, or on CPUs with AMX (vLLM's CPU build"
-    " has no int8 MoE kernel otherwise); for transformers, use FP8_DYNAMIC or W8A16"
+    "transformers 5.24 (with compressed-tensors 0.20) cannot load a W8A8 (int-quantized)"
+    " checkpoint of an MoE whose experts are stored per expert, whether they are quantized or"
+    " kept dense: it stops with 'Concatenate on tensors destined for …experts.gate_up_proj'."
+    " The checkpoint is valid: vLLM loads it (on its CPU build with experts dense; quantized"
+    " experts need a GPU, or a CPU with AMX); for transformers, use FP8_DYNAMIC or W8A16"
 )
 
 # vLLM up to 0.32 (#52543) crashes building an fp8 weight-only lm_head.
@@ -37,15 +39,17 @@ GRANITE_SPLIT = (
 )
 
 
-def transformers_experts(model_types: Set[str], fmt: str | None) -> str | None:
-    """Why transformers cannot load a checkpoint's quantized MoE experts, or None.
+def transformers_experts(model_types: Set[str], fmt: str | None, quantized: bool) -> str | None:
+    """Why transformers cannot load a checkpoint's MoE experts, or None.
 
-    `model_types`: the config's (qcli.kinds.model_types); `fmt`: the experts'
-    compressed-tensors format. Llama 4 is the exception to INT8_EXPERTS: with a quantization
-    config transformers builds its experts as Linear modules, which load any scheme.
+    `model_types`: the config's (qcli.kinds.model_types); `fmt`: the config's
+    compressed-tensors format; `quantized`: whether any expert is stored quantized. Llama 4
+    is the exception to INT8_EXPERTS (with a quantization config transformers builds its
+    experts as Linear modules, which load any scheme); GraniteMoE's limit is the split, which
+    qcli makes only for quantized experts.
     """
     if model_types & GRANITE:
-        return GRANITE_SPLIT
+        return GRANITE_SPLIT if quantized else None
     if model_types & LLAMA4:
         return None
     return INT8_EXPERTS if fmt == "int-quantized" else None

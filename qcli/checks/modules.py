@@ -120,14 +120,29 @@ def _check_linear(
         qm = check_quantized_module(m, g, tensors, result)
         if qm is not None:
             result.modules.append(qm)
-    limited = [(n, f) for n, f in experts if loaders.transformers_experts(model_types, f)]
+    limited = [(n, f) for n, f in experts if loaders.transformers_experts(model_types, f, True)]
     if limited:  # one finding for all of them: a real MoE has thousands
         first, fmt = limited[0]
         result.add(
             "tensors.expert",
             first.rpartition(".experts.")[0] or first,
             f"{len(limited)} MoE expert projection(s) stored {fmt}, e.g. {first}",
-            loaders.transformers_experts(model_types, fmt) or "",
+            loaders.transformers_experts(model_types, fmt, True) or "",
+            WARNING,
+        )
+        return
+    # experts kept dense: still unloadable in transformers under an int-quantized config
+    dense = [m.name for m in linear if m.role == "expert" and selected[m.name] is None]
+    formats = {g.format for g in selected.values() if g is not None}
+    fmt = "int-quantized" if "int-quantized" in formats else None
+    why = loaders.transformers_experts(model_types, fmt, False) if dense else None
+    if why:
+        result.add(
+            "tensors.expert",
+            dense[0].rpartition(".experts.")[0] or dense[0],
+            f"{len(dense)} MoE expert projection(s) kept dense under a {fmt} config, e.g."
+            f" {dense[0]}",
+            why,
             WARNING,
         )
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_suite.matrix import INIT_RANGE, MODELS, SEED, VOCAB
+from vllm_suite.matrix import DERIVED, INIT_RANGE, MODELS, SEED, VOCAB
 
 
 def make_model(name: str, dest: Path) -> None:
@@ -29,14 +29,22 @@ def make_model(name: str, dest: Path) -> None:
         pad_token_id=0,
         rms_norm_eps=1e-5,
     )
-    cfg_cls = {
-        "llama": transformers.LlamaConfig,
-        "qwen2": transformers.Qwen2Config,
-        "phi3": transformers.Phi3Config,
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, None),
+        "qwen2": (transformers.Qwen2Config, None),
+        "phi3": (transformers.Phi3Config, None),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, None),
+        # the text model alone: Llama4Config would make the vision-language one
+        "llama4": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM),
+        "granitemoe": (transformers.GraniteMoeConfig, None),
+        "qwen3": (transformers.Qwen3Config, None),
     }[arch]
     cfg = cfg_cls(**common, **spec)
     torch.manual_seed(SEED)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if model_cls is None:
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    else:
+        model = model_cls(cfg).to(torch.float32)
     with torch.no_grad():  # non-trivial norm weights, so a wrongly loaded norm shows
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
@@ -50,9 +58,30 @@ def make_model(name: str, dest: Path) -> None:
     tmp.rename(dest)
 
 
+def make_derived(name: str, base: Path, dest: Path) -> None:
+    """A source in another form, from the base model's folder: tests/builders.py makes it,
+    the same way the unit tests do (.bin by torch.save, block-FP8 by DeepSeek's formula)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for tests/
+    from tests.builders import block_fp8_release, to_bin
+
+    form = DERIVED[name]["form"]
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if form == "bin":
+        shutil.copytree(base, tmp)
+        to_bin(tmp)
+    else:
+        block_fp8_release(base, tmp)
+    (tmp / "qcli-suite-spec.json").write_text(json.dumps(_model_key(name)))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
 def _model_key(name: str) -> dict:
     import transformers
 
+    if name in DERIVED:
+        return dict(derived=DERIVED[name], base=_model_key(DERIVED[name]["base"]))
     return dict(
         spec=MODELS[name],
         seed=SEED,
@@ -79,7 +108,7 @@ def qcli_cmd() -> list[str]:
     return [sys.executable, "-c", "import sys; from qcli.cli import main; sys.exit(main())"]
 
 
-def quantize(src: Path, out: Path, scheme: str, lm_head: bool) -> None:
+def quantize(src: Path, out: Path, scheme: str, lm_head: bool, extra: list[str] = ()) -> None:
     cmd = qcli_cmd() + [
         "quantize",
         str(src),
@@ -91,6 +120,7 @@ def quantize(src: Path, out: Path, scheme: str, lm_head: bool) -> None:
     ]
     if lm_head:
         cmd.append("--lm-head")
+    cmd += extra
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")

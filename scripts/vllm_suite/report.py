@@ -78,13 +78,14 @@ def print_checks(done) -> None:
     ]
     table = []
     for r in done:
-        if r.get("error"):
+        if r.get("error") or r.get("hf_unloadable"):
+            layer = r.get("layer_err")
             table.append(
                 [
                     r["name"],
                     r["scheme"],
                     "yes" if r["lm_head"] else "no",
-                    "",
+                    f"{layer:.1e}" if layer is not None else "",
                     "",
                     "",
                     "",

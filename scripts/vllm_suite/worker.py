@@ -37,6 +37,8 @@ def inspect_layers(model) -> dict:
             kind = "linear"
         elif "ParallelLMHead" in mro:
             kind = "lm_head"
+        elif "FusedMoE" in mro:  # the experts of one MoE layer
+            kind = "moe"
         else:
             continue
         qm = getattr(mod, "quant_method", None)

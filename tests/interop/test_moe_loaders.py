@@ -83,6 +83,15 @@ def test_int8_experts_do_not_load_in_transformers(qwen3_moe: Path, tmp_path: Pat
     assert "Concatenate" in report and "experts.gate_up_proj" in report, report[-2000:]
 
 
+def test_w8a8_with_dense_experts_does_not_load_either(qwen3_moe: Path, tmp_path: Path) -> None:
+    """Under an int-quantized config transformers 5.24 routes per-expert weights through the
+    same merge, dense ones too (qcli.loaders.INT8_EXPERTS says so)."""
+    out = tmp_path / "w8a8-dense-experts"
+    assert main(["quantize", str(qwen3_moe), str(out), "-q", "-i", r"re:.*\.experts\..*"]) == 0
+    with pytest.raises(RuntimeError, match="conversion of the weights"):
+        _load(out)
+
+
 @pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W8A16"])
 def test_fp8_and_packed_experts_load(qwen3_moe: Path, tmp_path: Path, scheme: str) -> None:
     out = tmp_path / scheme

@@ -159,7 +159,7 @@ def test_int8_moe_experts_are_named_once_in_quantize_and_verify(tmp_path: Path, 
     code, _, err = run_cli(capsys, "quantize", src, out)
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if "MoE expert" in ln]
-    assert len(lines) == 1 and "24 MoE expert projections" in lines[0]
+    assert len(lines) == 1 and "24 MoE expert projections, 24 quantized" in lines[0]
     assert "transformers 5.24" in lines[0] and "AMX" in lines[0] and "FP8_DYNAMIC" in lines[0]
     code, stdout, err = run_cli(capsys, "verify", out, "--json", "--tokens", "7")
     assert code == 0, err
@@ -175,6 +175,17 @@ def test_int8_moe_experts_are_named_once_in_quantize_and_verify(tmp_path: Path, 
     # FP8_DYNAMIC experts load in transformers: nothing to say
     code, _, err = run_cli(capsys, "quantize", src, tmp_path / "fp8", "-s", "FP8_DYNAMIC")
     assert code == 0 and "MoE expert" not in err
+    # W8A8 with every expert kept dense does not load either (the same interop test): the
+    # same one line and one finding, saying they are dense
+    dense = tmp_path / "dense-experts"
+    code, _, err = run_cli(capsys, "quantize", src, dense, "--ignore", r"re:.*\.experts\..*")
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "MoE expert" in ln]
+    assert len(lines) == 1 and "24 MoE expert projections, 0 quantized" in lines[0], lines
+    code, stdout, err = run_cli(capsys, "verify", dense, "--json", "--tokens", "7")
+    assert code == 0, err
+    found = [f for f in json.loads(stdout)["findings"] if f["check"] == "tensors.expert"]
+    assert len(found) == 1 and "24 MoE expert projection(s) kept dense" in found[0]["problem"]
 
 
 # --- output that scripts and people can use -------------------------------------------------
