@@ -41,17 +41,7 @@ def run(
         raise InputError("--ray needs Ray: pip install 'qcli[ray]'") from None
     from qcli.parts import TMP_SUFFIX  # noqa: F401  (the workers import qcli: fail here first)
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    try:
-        # Ray's INFO lines ("Connecting to existing Ray cluster ...") are not qcli's to print
-        ray.init(
-            address=address,
-            log_to_driver=False,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-    except Exception as e:  # ConnectionError, RuntimeError, ...: Ray's own words say which
-        raise InputError(f"cannot reach the Ray cluster at {address or 'local'}: {e}") from None
+    _connect(ray, address or os.environ.get("RAY_ADDRESS") or None)
     try:
         task = ray.remote(
             num_cpus=cpus, max_retries=RETRIES, retry_exceptions=[OSError, OutputError]
@@ -82,6 +72,19 @@ def run(
         return sorted(results, key=lambda r: int(r["part"].split("/")[0]))
     finally:
         ray.shutdown()
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    try:
+        # Ray's INFO lines ("Connecting to existing Ray cluster ...") are not qcli's to print
+        ray.init(
+            address=address,
+            log_to_driver=False,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    except Exception as e:  # ConnectionError, RuntimeError, ...: Ray's own words say which
+        raise InputError(f"cannot reach the Ray cluster at {address or 'local'}: {e}") from None
 
 
 def _part(src: str, out: str, part: str, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qcli import layout
 from qcli.errors import CheckpointError, InputError
 from qcli.tensors import Checkpoint, TensorInfo
 
@@ -144,15 +145,15 @@ def _per_channel(ck: Checkpoint, qc: Mapping[str, Any]) -> dict[str, Stored]:
     found = {}
     for name, t in ck.tensors.items():
         leaf = name.rpartition(".")[2]
-        if leaf == "weight_packed":
+        if leaf == layout.PACKED:
             raise InputError(
                 f"{ck.folder} is already quantized with packed weights ({name}); qcli"
                 " re-quantizes int8/fp8 per-channel checkpoints (int-, float- or"
                 " naive-quantized), not pack-quantized ones"
             )
-        if leaf != "weight" or t.dtype not in ("F8_E4M3", "I8"):
+        if leaf != layout.WEIGHT or t.dtype not in ("F8_E4M3", "I8"):
             continue
-        scale = ck.tensors.get(name.removesuffix("weight") + "weight_scale")
+        scale = ck.tensors.get(name.removesuffix(layout.WEIGHT) + layout.SCALE)
         if scale is None or tuple(scale.shape) != (t.shape[0], 1):
             raise CheckpointError(
                 f"{name} is {t.dtype} without a per-channel weight_scale [{t.shape[0]}, 1]"

@@ -282,17 +282,7 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
     ignore = [str(i) for i in qc.get("ignore") or []]
     groups = _groups(qc)
 
-    scale = f".{layout.SCALE}"
-    scaled = {n.removesuffix(scale) for n in ck.tensors if n.endswith(scale)}
-    stored_as = None
-    if dequant.is_release(ck):  # which quantize decodes
-        try:
-            stored = dequant.find(ck)
-        except QcliError:
-            stored = {}
-        scaled = {n.removesuffix(".weight") for n in stored}
-        blocks = sorted({"x".join(map(str, st.block)) for st in stored.values()})
-        stored_as = f"fp8 e4m3 with {', '.join(blocks)} block scales" if stored else None
+    scaled, stored_as = _scaled_modules(ck)
     # A module with a weight_scale is stored quantized, whatever kind the names suggest.
     quantized = sorted(scaled, key=natural_key)
     linear = [m for m in s.modules.values() if m.kind in (kinds.LINEAR, kinds.CONV1D)]
@@ -308,14 +298,7 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
         else:
             by_name[hit.group].modules.append(name)
 
-    head = heads.resolve(s.modules, config, {n: (t.dtype, t.shape) for n, t in s.logical.items()})
-    if head.on_disk:
-        lm_head = "quantized" if head.name in scaled else "dense"
-    elif head.virtual:
-        lm_head = "tied (dense)"
-    else:
-        lm_head = "absent"
-
+    lm_head = _head_state(s, config, scaled)
     dense_dtype = _config_dtype(config) or _scale_dtype(ck)
     dense_bytes = _dense_bytes(ck, scaled, dense_dtype)
 
@@ -344,6 +327,28 @@ def _quantization(s: Summary, contract: bool) -> Quantization:
         contract_error,
         stored_as,
     )
+
+
+def _scaled_modules(ck: Checkpoint) -> tuple[set[str], str | None]:
+    """The modules stored quantized, and for a block-FP8 release (which quantize decodes)
+    what its weights are stored as."""
+    scale = f".{layout.SCALE}"
+    if not dequant.is_release(ck):
+        return {n.removesuffix(scale) for n in ck.tensors if n.endswith(scale)}, None
+    try:
+        stored = dequant.find(ck)
+    except QcliError:
+        stored = {}
+    blocks = sorted({"x".join(map(str, st.block)) for st in stored.values()})
+    stored_as = f"fp8 e4m3 with {', '.join(blocks)} block scales" if stored else None
+    return {n.removesuffix(".weight") for n in stored}, stored_as
+
+
+def _head_state(s: Summary, config: dict[str, Any], scaled: set[str]) -> str:
+    head = heads.resolve(s.modules, config, {n: (t.dtype, t.shape) for n, t in s.logical.items()})
+    if head.on_disk:
+        return "quantized" if head.name in scaled else "dense"
+    return "tied (dense)" if head.virtual else "absent"
 
 
 def _groups(qc: dict[str, Any]) -> list[QuantGroup]:

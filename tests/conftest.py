@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from tests.builders import EXAMPLE, LLAMA, REPO, make_model  # noqa: E402, F401
+from tests.fakehub import hub  # noqa: E402, F401  (the fake hub fixture, for every test)
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,8 @@ from qcli.errors import CheckpointError
 from qcli.tensors import TensorInfo, open_checkpoint, read_tensor
 from qcli.torchbin import read_bin
 from tests.builders import bin_model, llama_checkpoint, rewrite_bin, to_bin
-from tests.test_hub import FakeHub, hub  # noqa: F401  (the fake hub fixture)
-from tests.test_hub import qcli as hub_qcli
+from tests.fakehub import FakeHub
+from tests.fakehub import qcli as hub_qcli
 
 IDS = torch.tensor([[1, 17, 42, 99, 200, 311, 7, 5]])
 LAYER = "model.layers.1.mlp.down_proj"
@@ -340,7 +340,7 @@ def test_truncated_and_foreign_files(tmp_path: Path) -> None:
 
 
 def test_hub_bins_fetched_only_without_safetensors(
-    hub: FakeHub,  # noqa: F811
+    hub: FakeHub,
     bins,
     tmp_path: Path,
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,29 @@ def test_reference_pass_is_written_whole_and_read_back(tmp_path: Path, monkeypat
     assert passes.key(ref, [[1, 2, 3]], {"engine": "vllm"}) != digest
     (ref / "config.json").write_text('{"changed": true}')
     assert passes.key(ref, [[1, 2, 3]], {"engine": "transformers"}) != digest
+
+
+def test_reference_cache_keeps_the_most_recently_used(tmp_path: Path, monkeypatch) -> None:
+    """Each pass is tokens x vocab float32 (a GB for a real model): the least recently used
+    beyond QCLI_EVAL_CACHE_KEEP go when a new one is written; one just read survives."""
+    monkeypatch.setenv("QCLI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(passes.KEEP_ENV, "2")
+
+    def write(digest: str) -> None:
+        w = passes.PassWriter(digest, vocab=4)
+        w.add(torch.randn(1, 4))
+        w.finish({})
+
+    for i, d in enumerate(["a" * 32, "b" * 32]):
+        write(d)
+        os.utime(tmp_path / "cache" / "eval" / d / passes.META, ns=(i * 10**9, i * 10**9))
+    assert passes.open_pass("a" * 32) is not None  # used: now the newest
+    foreign = tmp_path / "cache" / "eval" / ".x.tmp-1"  # another run's, still writing
+    foreign.mkdir()
+    write("c" * 32)
+    left = sorted(p.name for p in (tmp_path / "cache" / "eval").iterdir())
+    assert left == [".x.tmp-1", "a" * 32, "c" * 32]
+    assert passes.open_pass("b" * 32) is None and passes.open_pass("c" * 32) is not None
 
 
 # --- the command on tiny models -----------------------------------------------------------

@@ -25,7 +25,7 @@ from qcli.cli.app import main
 from qcli.convert import shard_jobs
 from qcli.tensors import open_checkpoint
 from tests.builders import EXAMPLE
-from tests.test_hub import hub, qcli  # noqa: F401  (hub: the fake hub fixture)
+from tests.fakehub import qcli
 
 SHARD = "500KB"  # the example's 3.4 MB in five output shards
 
@@ -137,7 +137,7 @@ def test_bad_split_options_are_one_line(tmp_path, capsys, args, needle):
     assert not (tmp_path / "o").exists()
 
 
-def test_each_hub_part_downloads_only_the_shards_it_reads(hub, models, tmp_path):  # noqa: F811
+def test_each_hub_part_downloads_only_the_shards_it_reads(hub, models, tmp_path):
     hub.add("org/m", models["llama-sharded"])
     plan = planner.build(open_checkpoint(models["llama-sharded"]), plan_options())
     jobs = shard_jobs(plan, 300_000)

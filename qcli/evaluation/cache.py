@@ -22,6 +22,9 @@ from qcli import __version__, cache
 from qcli.tensors import buffer_of
 
 LOGPROBS, META = "logprobs.f32", "meta.json"
+# Reference passes kept: each is tokens x vocab float32 (~1 GB for 5k tokens of a 50k
+# vocabulary), so the least recently used beyond these are removed when one is written.
+KEEP_ENV, KEEP_DEFAULT = "QCLI_EVAL_CACHE_KEEP", 4
 
 
 def key(reference: Path, windows: list[list[int]], settings: dict[str, Any]) -> str:
@@ -76,7 +79,39 @@ def open_pass(digest: str) -> ReferencePass | None:
     except (OSError, ValueError):
         return None
     found = ReferencePass(folder, int(meta["vocab"]), list(meta["rows"]), meta)
-    return found if size == found.nbytes else None
+    if size != found.nbytes:
+        return None
+    try:
+        os.utime(folder / META)  # used now: the last to be pruned
+    except OSError:
+        pass
+    return found
+
+
+def keep_count() -> int:
+    try:
+        return max(1, int(os.environ.get(KEEP_ENV, KEEP_DEFAULT)))
+    except ValueError:
+        return KEEP_DEFAULT
+
+
+def prune(keep: int, spare: Path | None = None) -> list[Path]:
+    """Remove all but the `keep` most recently used complete passes (never `spare`, the one
+    just written); returns what was removed. Temporary folders of other runs are left."""
+    root = cache.root() / "eval"
+    found = []
+    for d in root.iterdir() if root.is_dir() else ():
+        try:
+            found.append((d.joinpath(META).stat().st_mtime_ns, d))
+        except OSError:
+            continue  # not a complete pass (another run's temporary folder, or foreign)
+    found.sort(reverse=True)
+    removed = []
+    for _, d in found[keep:]:
+        if d != spare:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 class PassWriter:
@@ -107,6 +142,7 @@ class PassWriter:
         (self.tmp / META).write_text(json.dumps(body), encoding="utf-8")
         shutil.rmtree(self.final, ignore_errors=True)
         os.rename(self.tmp, self.final)
+        prune(keep_count(), spare=self.final)
         return ReferencePass(self.final, self.vocab, self.rows, body)
 
     def abort(self) -> None:
