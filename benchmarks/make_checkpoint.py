@@ -9,7 +9,7 @@ length, JSON header padded with spaces to a multiple of 8, then the raw tensor b
 header order), so peak memory is one tensor, whatever the checkpoint's size.
 
 Output folder:
-    config.json                      LlamaForCausalLM, bfloat16, untied lm_head
+    config.json                      LlamaForCausalLM (or Qwen2ForCausalLM), bfloat16
     generation_config.json
     model-0000i-of-0000n.safetensors (or model.safetensors when one shard)
     model.safetensors.index.json     (when more than one shard)
@@ -18,6 +18,15 @@ Presets (bytes are decimal GB of tensor data):
     tiny  hidden 256,  inter 512,   vocab 1024,  2 layers, 4 heads / 2 kv   ~3.4 MB, 2 shards
     2g    hidden 2048, inter 8192,  vocab 32000, 16 layers, 16 heads / 8 kv ~2.28 GB, 2 shards
     7g    hidden 4096, inter 14336, vocab 32000, 15 layers, 32 heads / 8 kv ~7.07 GB, 4 shards
+    llama3.2-1b  Llama-3.2-1B's shape: hidden 2048, inter 8192, vocab 128256, 16 layers,
+                 32 heads / 8 kv, tied embeddings                  ~2.47 GB, 2 shards
+    qwen2.5-0.5b Qwen2.5-0.5B's shape: Qwen2ForCausalLM, hidden 896, inter 4864,
+                 vocab 151936, 24 layers, 14 heads / 2 kv, q/k/v biases, tied ~0.99 GB
+    tiny-tied    tiny with tied embeddings (no lm_head tensor)      ~2.9 MB
+    tiny-qwen2   tiny as Qwen2ForCausalLM (tied, q/k/v biases)      ~2.9 MB
+
+Tied presets write no lm_head.weight and set tie_word_embeddings (the lm_head is the
+embedding table, as in the releases they copy); the untied presets are unchanged.
 
 Examples:
     python benchmarks/make_checkpoint.py --preset tiny /tmp/tiny-llama
@@ -70,7 +79,56 @@ PRESETS = {
         kv_heads=8,
         shard_bytes=2 * 10**9,
     ),
+    # Llama-3.2-1B exactly (128k vocabulary, tied), for decode benchmarks (decode_vllm.py).
+    "llama3.2-1b": dict(
+        hidden=2048,
+        intermediate=8192,
+        vocab=128256,
+        layers=16,
+        heads=32,
+        kv_heads=8,
+        shard_bytes=2 * 10**9,
+        tied=True,
+        rope_theta=500000.0,
+    ),
+    # Qwen2.5-0.5B exactly (152k vocabulary, tied, q/k/v biases).
+    "qwen2.5-0.5b": dict(
+        hidden=896,
+        intermediate=4864,
+        vocab=151936,
+        layers=24,
+        heads=14,
+        kv_heads=2,
+        shard_bytes=2 * 10**9,
+        tied=True,
+        arch="qwen2",
+        rope_theta=1000000.0,
+    ),
+    # CI smoke versions of the two tied layouts (seconds in vLLM).
+    "tiny-tied": dict(
+        hidden=256,
+        intermediate=512,
+        vocab=1024,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        shard_bytes=2 * 10**6,
+        tied=True,
+    ),
+    "tiny-qwen2": dict(
+        hidden=256,
+        intermediate=512,
+        vocab=1024,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        shard_bytes=2 * 10**6,
+        tied=True,
+        arch="qwen2",
+    ),
 }
+# presets small enough to write inside the repo (tests)
+TINY = {"tiny", "tiny-tied", "tiny-qwen2"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +140,10 @@ class Shape:
     heads: int
     kv_heads: int
     shard_bytes: int
+    # the fields below default to what the first presets write, so their files are unchanged
+    tied: bool = False  # tie_word_embeddings: no lm_head.weight tensor
+    arch: str = "llama"  # "llama" or "qwen2" (q/k/v biases, Qwen2's config.json)
+    rope_theta: float = 10000.0
 
     @property
     def head_dim(self) -> int:
@@ -89,15 +151,18 @@ class Shape:
 
 
 def tensor_specs(s: Shape) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes, in transformers' LlamaForCausalLM state_dict order."""
+    """Names and shapes, in transformers' LlamaForCausalLM (Qwen2ForCausalLM) state_dict
+    order."""
     h, i, kv = s.hidden, s.intermediate, s.kv_heads * s.head_dim
     specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (s.vocab, h))]
     for n in range(s.layers):
         p = f"model.layers.{n}."
+        qkv = [("q_proj", h), ("k_proj", kv), ("v_proj", kv)]
+        for proj, rows in qkv:
+            specs.append((p + f"self_attn.{proj}.weight", (rows, h)))
+            if s.arch == "qwen2":  # Qwen2 has biases on q, k and v only
+                specs.append((p + f"self_attn.{proj}.bias", (rows,)))
         specs += [
-            (p + "self_attn.q_proj.weight", (h, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
             (p + "self_attn.o_proj.weight", (h, h)),
             (p + "mlp.gate_proj.weight", (i, h)),
             (p + "mlp.up_proj.weight", (i, h)),
@@ -105,14 +170,19 @@ def tensor_specs(s: Shape) -> list[tuple[str, tuple[int, ...]]]:
             (p + "input_layernorm.weight", (h,)),
             (p + "post_attention_layernorm.weight", (h,)),
         ]
-    specs += [("model.norm.weight", (h,)), ("lm_head.weight", (s.vocab, h))]
+    specs.append(("model.norm.weight", (h,)))
+    if not s.tied:
+        specs.append(("lm_head.weight", (s.vocab, h)))
     return specs
 
 
 def make_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """One bf16 tensor from its own generator: N(0, 0.02) with a per-row scale in
-    [0.5, 2) (so per-channel scales differ between rows), norms around 1."""
+    [0.5, 2) (so per-channel scales differ between rows), norms around 1, biases
+    N(0, 0.02)."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    if name.endswith(".bias"):
+        return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g)
     if len(shape) == 1:
         return torch.empty(shape, dtype=torch.bfloat16).uniform_(0.8, 1.2, generator=g)
     w = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g)
@@ -164,6 +234,8 @@ def write_shard(path: str, tensors, seed: int, fsync: bool) -> None:
 
 
 def config_json(s: Shape) -> dict:
+    if s.arch == "qwen2":
+        return qwen2_config(s)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -184,11 +256,41 @@ def config_json(s: Shape) -> dict:
         "pretraining_tp": 1,
         "rms_norm_eps": 1e-05,
         "rope_scaling": None,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
+        "rope_theta": s.rope_theta,
+        "tie_word_embeddings": s.tied,
         "torch_dtype": "bfloat16",
         "transformers_version": "4.48.0",
         "use_cache": True,
+        "vocab_size": s.vocab,
+    }
+
+
+def qwen2_config(s: Shape) -> dict:
+    """Qwen2.5's config.json keys (sliding window off, as in its releases)."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": s.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": s.intermediate,
+        "max_position_embeddings": 32768,
+        "max_window_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_hidden_layers": s.layers,
+        "num_key_value_heads": s.kv_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": s.rope_theta,
+        "sliding_window": None,
+        "tie_word_embeddings": s.tied,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.48.0",
+        "use_cache": True,
+        "use_sliding_window": False,
         "vocab_size": s.vocab,
     }
 
@@ -224,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     real = os.path.realpath(a.out)
     here = os.path.realpath(os.path.join(os.path.dirname(__file__), ".."))
-    if a.preset != "tiny" and (real + os.sep).startswith(here + os.sep):
+    if a.preset not in TINY and (real + os.sep).startswith(here + os.sep):
         print(
             f"refusing to write a {total / 1e9:.1f} GB checkpoint inside the repo", file=sys.stderr
         )

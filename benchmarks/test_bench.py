@@ -154,3 +154,77 @@ def test_eval_memory_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["peak_rss_qcli_eval"] < result["peak_rss_two_models"]
+
+
+def _vllm_python_or_skip() -> str:
+    """vLLM's Python for the decode smoke; CI sets QCLI_REQUIRE_VLLM=1 where the suite has
+    just made it, so a missing one fails there instead of skipping."""
+    import decode_vllm
+
+    python = decode_vllm.vllm_python(None)
+    if python is None:
+        if os.environ.get("QCLI_REQUIRE_VLLM") == "1":
+            pytest.fail("QCLI_REQUIRE_VLLM=1 but no Python with vLLM (QCLI_VLLM_PYTHON)")
+        pytest.skip("no Python with vLLM (scripts/vllm-conformance --setup-only)")
+    return python
+
+
+@pytest.mark.vllm
+def test_decode_vllm_smoke(tmp_path):
+    """benchmarks/decode_vllm.py on the tiny tied preset: bf16 against W8A8 + int8 lm_head,
+    one round, 8 tokens; the table and the JSON have every column, vLLM ran int8 lm_head."""
+    _vllm_python_or_skip()
+    stem = tmp_path / "decode"
+    cmd = [
+        sys.executable, os.path.join(HERE, "decode_vllm.py"), "--models", "tiny",
+        "--schemes", "bf16,W8A8+lm_head", "--rounds", "1", "--tokens", "8",
+        "--work", str(tmp_path / "work"), "--results", str(stem),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(stem.with_suffix(".json").read_text())
+    rows = {x["scheme"]: x for x in res["rows"]}
+    assert set(rows) == {"bf16", "W8A8+lm_head"} and not res["errors"]
+    q = rows["W8A8+lm_head"]
+    assert q["tok_s_median"] > 0 and q["vs_bf16"] > 0 and q["ttft_s_median"] > 0
+    assert q["kernels"]["lm_head"].startswith("CompressedTensorsW8A8Int8"), q["kernels"]
+    assert rows["bf16"]["kernels"]["lm_head"].startswith("Unquantized"), rows["bf16"]
+    # bytes: tied bf16 reads the table twice over (body row + head); int8 halves both
+    assert q["bytes_per_token"] < rows["bf16"]["bytes_per_token"]
+    assert 0 < q["lm_head_share"] < 1 and q["ideal_speedup"] > 1.5
+    assert "| tiny | W8A8+lm_head |" in stem.with_suffix(".md").read_text()
+
+
+def test_verify_speed_smoke(tiny, tmp_path):
+    """benchmarks/verify_speed.py, one round on the tiny preset: every scheme verifies."""
+    stem = tmp_path / "verify"
+    cmd = [
+        sys.executable, os.path.join(HERE, "verify_speed.py"), str(tiny), "--rounds", "1",
+        "--work", str(tmp_path / "work"), "--results", str(stem),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert [x["scheme"] for x in rows] == ["W8A8", "W8A16", "FP8_DYNAMIC", "FP8"]
+    assert all(x["exits"] == [0] and x["wall_s_median"] > 0 for x in rows)
+
+
+def test_ray_workers_smoke(tiny, tmp_path):
+    """benchmarks/ray_workers.sh, one warm pair on the tiny preset (a local Ray cluster on
+    127.0.0.1): plain qcli and both Ray rows ran, and wrote what the plain run wrote."""
+    pytest.importorskip("ray")
+    stem = tmp_path / "ray"
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.update(QCLI_BENCH_SHARD="1MB", QCLI_BENCH_RAY_PORT="6399")
+    cmd = [
+        "bash", os.path.join(HERE, "ray_workers.sh"), str(tiny), str(stem), "--pairs", "1",
+        "--cache", "warm", "--work", str(tmp_path / "work"),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = {x["command"]: x for x in json.loads(stem.with_suffix(".json").read_text())["summary"]}
+    assert {"ray-1-worker", "ray-2-workers"} <= set(rows), sorted(rows)
+    plain = next(x for k, x in rows.items() if k.startswith("qcli"))
+    for name in ("ray-1-worker", "ray-2-workers"):
+        assert rows[name]["failed"] == 0 and rows[name]["runs"] == 1
+        assert rows[name]["out_gb"] == pytest.approx(plain["out_gb"], rel=1e-6)

@@ -38,6 +38,8 @@ def _vllm_python() -> str:
         / "python"
     )
     if not Path(found).is_file():
+        if os.environ.get("QCLI_REQUIRE_VLLM") == "1":  # CI, right after the suite made it
+            pytest.fail(f"QCLI_REQUIRE_VLLM=1 but no vLLM Python at {found}")
         pytest.skip(f"no vLLM Python at {found} (run scripts/vllm-conformance --setup-only)")
     return found
 
