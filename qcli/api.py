@@ -170,15 +170,10 @@ def quantize_part(
     (qcli.parts). Every part computes the same plan; a hub source downloads only the
     shards this part reads. Run :func:`finish_parts` once all parts are done."""
     from qcli import parts
-    from qcli.convert import shard_jobs
 
     split = parts.parse_split(part)
     out = _out_path(out)
-    shard_bytes = _shard_bytes(max_shard_size)
-    opts = plan_options(**options)
-    opened = source.open_headers(str(src), revision, token)
-    made = planner.build(opened.checkpoint, opts)
-    jobs = shard_jobs(made, shard_bytes)
+    opened, made, jobs = _split_plan(src, revision, token, max_shard_size, options)
     mine = parts.assign(jobs, split.count)[split.index - 1]
     source.fetch_files(opened, {f.name for f in parts.source_files(mine)})
     if on_plan:
@@ -199,16 +194,12 @@ def finish_parts(
 ) -> QuantizeResult:
     """After every part: check the shards, write the rest of the checkpoint (qcli.parts)."""
     from qcli import parts
-    from qcli.convert import shard_jobs
 
     out = _out_path(out)
-    shard_bytes = _shard_bytes(max_shard_size)
-    opts = plan_options(**options)
-    opened = source.open_headers(str(src), revision, token)
-    made = planner.build(opened.checkpoint, opts)
+    opened, made, jobs = _split_plan(src, revision, token, max_shard_size, options)
     src_info = source.fetch_files(opened, set())
-    record = _record(src_info, opts, max_shard_size)
-    written = parts.finish(made, out, shard_jobs(made, shard_bytes), record)
+    record = _record(src_info, made.options, max_shard_size)
+    written = parts.finish(made, out, jobs, record)
     return QuantizeResult(made, written, src_info.provenance())
 
 
@@ -229,15 +220,11 @@ def quantize_on_ray(
     the same files as :func:`quantize`. `address`: the cluster (else RAY_ADDRESS, else a
     local one); `cpus`: each task's num_cpus, and its threads."""
     from qcli import cluster, parts
-    from qcli.convert import shard_jobs
 
     out = Path(os.path.abspath(_out_path(out)))
-    shard_bytes = _shard_bytes(max_shard_size)
     if cpus < 1:
         raise InputError(f"--workers must be 1 or more with --ray, not {cpus}")
-    opened = source.open_headers(str(src), revision, token)
-    made = planner.build(opened.checkpoint, plan_options(**options))
-    jobs = shard_jobs(made, shard_bytes)
+    _, made, jobs = _split_plan(src, revision, token, max_shard_size, options)
     if not (out / parts.PARTS_DIR).is_dir():  # else: a run that stopped, resumed
         outdir.check(made.checkpoint.folder, out, False)
     if on_plan:
@@ -262,6 +249,24 @@ def quantize_on_ray(
     )
     done.written.seconds = time.perf_counter() - t0  # the whole run, not the finish alone
     return done
+
+
+def _split_plan(
+    src: str | Path,
+    revision: str | None,
+    token: str | None,
+    max_shard_size: str | int,
+    options: dict[str, Any],
+) -> tuple[source.Opened, Plan, list]:
+    """What every part of a split run computes alike, from headers: the source, the plan and
+    its output shards."""
+    from qcli.convert import shard_jobs
+
+    shard_bytes = _shard_bytes(max_shard_size)
+    opts = plan_options(**options)  # bad options are said before the source is read
+    opened = source.open_headers(str(src), revision, token)
+    made = planner.build(opened.checkpoint, opts)
+    return opened, made, shard_jobs(made, shard_bytes)
 
 
 def _out_path(out: str | Path) -> Path:

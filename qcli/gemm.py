@@ -41,6 +41,7 @@ __all__ = [
     "int8_gemm_may_saturate",
     "quantize_activations_fp8",
     "quantize_activations_int8",
+    "saturating_u8s8_deviation",
     "saturating_u8s8_emulation",
     "w8a16",
     "w8a8_int8",
@@ -466,11 +467,26 @@ def saturating_u8s8_emulation(xq: torch.Tensor, q_w: torch.Tensor) -> torch.Tens
     ``u <= 255`` a pair leaves int16 only if ``|w[2i]| + |w[2i+1]| >= 129``, so only those
     weight pairs are evaluated (a few percent of a real layer's), not all ``M * N * K / 2``.
     """
+    clipping = _u8s8_clipping(xq, q_w)  # checks the operands first
+    return _exact_matmul_f64(xq, q_w).round_().to(torch.int64) + clipping
+
+
+def saturating_u8s8_deviation(xq: torch.Tensor, q_w: torch.Tensor) -> float:
+    """How far :func:`saturating_u8s8_emulation` is from the exact ``xq @ q_w^T``, relative
+    to the exact output's range (the exact product computed once)."""
+    off = float(_u8s8_clipping(xq, q_w).abs().max())
+    top = float(_exact_matmul_f64(xq, q_w).abs().max())
+    return off / top if top else 0.0
+
+
+def _u8s8_clipping(xq: torch.Tensor, q_w: torch.Tensor) -> torch.Tensor:
+    """The saturating GEMM minus the exact one, int64 ``[M, N]``: the int16 clipping of the
+    pairs that can clip."""
     if xq.dtype != torch.int8 or q_w.dtype != torch.int8:
         raise ValueError("saturating_u8s8_emulation takes int8 operands")
     m, k = xq.shape
     pad = k % 2
-    out = _exact_matmul_f64(xq, q_w).round_().to(torch.int64)
+    out = torch.zeros(m, q_w.shape[0], dtype=torch.int64)
     u = F.pad(xq.to(torch.int32) + 128, (0, pad))
     wp = F.pad(q_w, (0, pad)).view(q_w.shape[0], -1, 2)
     reach = wp.to(torch.int16).abs_().sum(dim=-1)  # |w0| + |w1| per pair, <= 254

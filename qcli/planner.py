@@ -84,7 +84,7 @@ def build(ck: Checkpoint, opts: PlanOptions) -> Plan:
     if head_plan.state == QUANTIZED and not opts.scheme.vllm_lm_head_ok:
         warnings.append(f"lm_head quantized with {opts.scheme.name}: {FP8_WEIGHT_ONLY_HEAD}")
     moe = [m.name for m in modules.values() if m.role == "expert" and m.weight]
-    moe_q = [n for n in moe if n in selected and selected[n].selected]
+    moe_q = set(moe) & set(quantized)
     fmt = opts.scheme.layout.format
     limit = loaders.transformers_experts(kinds.model_types(config), fmt, bool(moe_q))
     if moe and limit:

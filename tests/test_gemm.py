@@ -302,4 +302,7 @@ def test_saturating_emulation_equals_the_pairwise_formula(k):
     want = pairs - 128 * q.long().sum(1).view(1, -1)
     got = gemm.saturating_u8s8_emulation(xq, q)
     assert torch.equal(got, want)
-    assert not torch.equal(got, xq.long() @ q.long().t())  # it does clip here
+    exact = xq.long() @ q.long().t()
+    assert not torch.equal(got, exact)  # it does clip here
+    want_dev = float((got - exact).abs().max()) / float(exact.abs().max())
+    assert gemm.saturating_u8s8_deviation(xq, q) == pytest.approx(want_dev, rel=1e-12)

@@ -169,10 +169,7 @@ def saturating_dev(x: torch.Tensor, q: torch.Tensor) -> float:
     """How far a VPMADDUBSW int8 GEMM (x86 without VNNI) would be from exact, relative to the
     output's range, on this layer's weights (qcli.gemm.saturating_u8s8_emulation)."""
     xq, _ = gemm.quantize_activations_int8(x)
-    exact = gemm._exact_matmul_f64(xq, q)
-    sat = gemm.saturating_u8s8_emulation(xq, q)
-    top = float(exact.abs().max())
-    return float((sat - exact).abs().max()) / top if top else 0.0
+    return gemm.saturating_u8s8_deviation(xq, q)
 
 
 @dataclass
